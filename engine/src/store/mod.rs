@@ -1,0 +1,103 @@
+//! Durable records behind one small trait, so the lifecycle and accounts do not care where they
+//! live. `SqliteStore` is the embedded default: WAL mode, one writer thread that owns the
+//! connection and drains a bounded write-ahead queue in batches, committing once per batch with
+//! `synchronous=FULL` before it answers anyone (group commit). `MemoryStore` keeps the same
+//! rules in memory; the engine tests run against both. A later PostgreSQL implementation decides
+//! the once-only transitions (accept, cancel, expire) with the same conditional UPDATEs.
+//!
+//! Every method that returns `Ok` for a write has made it durable (for SQLite: committed and
+//! fsynced). Storage failures come back as `Error::Unavailable`.
+
+// mod memory;
+// mod sqlite;
+
+// pub use memory::MemoryStore;
+// pub use sqlite::{SqliteStore, StoreStats};
+
+use crate::error::Result;
+use crate::model::*;
+use async_trait::async_trait;
+
+/// How long an `Idempotency-Key` binds a customer's create to its first result.
+pub const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// Wrong OTP tries that burn a code.
+pub const OTP_MAX_ATTEMPTS: u32 = 5;
+
+/// The engine's persistence. Implementations must be safe to call from many tasks at once.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ---- accounts ----
+
+    /// Creates an account. A taken email → `Error::Conflict`.
+    async fn insert_user(&self, user: NewUser) -> Result<User>;
+    /// Creates a PHARMACY account and its pharmacy in one transaction. Taken email → `Conflict`.
+    async fn insert_pharmacy_user(
+        &self,
+        user: NewUser,
+        pharmacy: NewPharmacy,
+    ) -> Result<(User, Pharmacy)>;
+    /// The account with this (lower-case) email.
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>>;
+    /// The account with this id.
+    async fn user_by_id(&self, id: UserId) -> Result<Option<User>>;
+    /// The pharmacy owned by this user.
+    async fn pharmacy_by_user(&self, user_id: UserId) -> Result<Option<Pharmacy>>;
+    /// The pharmacy with this id.
+    async fn pharmacy_by_id(&self, id: PharmacyId) -> Result<Option<Pharmacy>>;
+    /// Applies a profile change (name and location on the pharmacy, phone on its owner).
+    /// Unknown id → `NotFound`.
+    async fn update_pharmacy(&self, id: PharmacyId, patch: PharmacyPatch) -> Result<Pharmacy>;
+    /// Approves or suspends. Unknown id → `NotFound`.
+    async fn set_pharmacy_approved(&self, id: PharmacyId, approved: bool) -> Result<Pharmacy>;
+    /// Pharmacies with their owners, by pharmacy id ascending; `Some(b)` filters on `approved`.
+    async fn list_pharmacies(&self, approved: Option<bool>) -> Result<Vec<PharmacyListing>>;
+    /// Every pharmacy, for start-up (approved ones go into the index).
+    async fn load_pharmacies(&self) -> Result<Vec<Pharmacy>>;
+
+    // ---- email verification ----
+
+    /// Stores a fresh OTP for `otp.email`, replacing any earlier one (attempts start at 0).
+    async fn put_otp(&self, otp: OtpRecord) -> Result<()>;
+    /// The live OTP for this email, if any (expired ones may be returned; callers check).
+    async fn otp(&self, email: &str) -> Result<Option<OtpRecord>>;
+    /// Checks a code hash atomically: a match consumes the code and marks the email verified
+    /// (the user's `email_verified` too, if the account exists); a miss counts one try and
+    /// deletes the code at `OTP_MAX_ATTEMPTS`; an expired code is deleted and reported `NoCode`.
+    async fn check_otp(&self, email: &str, code_hash: &str, now: UnixMs) -> Result<OtpOutcome>;
+    /// Whether the email was verified by OTP (before or after registering).
+    async fn email_verified(&self, email: &str) -> Result<bool>;
+
+    // ---- medicine requests ----
+
+    /// Stores a new PENDING request and its recipients (nearest first) in one transaction.
+    /// With an idempotency key the customer already used within `IDEMPOTENCY_WINDOW_MS` of
+    /// `req.created_at`, stores nothing and returns that request as `Created::Existing`; an
+    /// older use of the key no longer binds it.
+    async fn create_request(&self, req: NewRequest, recipients: Vec<Recipient>) -> Result<Created>;
+    /// Records a response, deciding atomically: a pharmacy's earlier response → `Repeat`;
+    /// not a recipient (or no such request) → `NotNotified`; request not PENDING → `Closed`;
+    /// ACCEPTED → conditional `PENDING → ACCEPTED` with `pharmacy_id`/`pharmacy_name` set and
+    /// the response stored (`Recorded` means this pharmacy won); REJECTED → stored while PENDING.
+    async fn record_response(&self, resp: NewResponse) -> Result<ResponseOutcome>;
+    /// PENDING → CANCELLED for the owner. Not the owner's or unknown → `NotFound`.
+    async fn cancel_request(
+        &self,
+        id: RequestId,
+        customer_id: UserId,
+        now: UnixMs,
+    ) -> Result<Decision>;
+    /// PENDING → EXPIRED. Unknown → `NotFound`.
+    async fn expire_request(&self, id: RequestId, now: UnixMs) -> Result<Decision>;
+    /// One request.
+    async fn request(&self, id: RequestId) -> Result<Option<MedicineRequest>>;
+    /// A customer's requests, newest first.
+    async fn requests_of_customer(&self, customer_id: UserId) -> Result<Vec<MedicineRequest>>;
+    /// A request's responses, oldest first.
+    async fn responses(&self, request_id: RequestId) -> Result<Vec<PharmacyResponse>>;
+    /// A request's recipients, nearest first.
+    async fn recipients(&self, request_id: RequestId) -> Result<Vec<Recipient>>;
+    /// For start-up: every PENDING request, and every request closed at or after
+    /// `closed_since`, each with its recipients and who responded.
+    async fn load_live_requests(&self, closed_since: UnixMs) -> Result<Vec<RequestSnapshot>>;
+}
