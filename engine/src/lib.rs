@@ -7,11 +7,14 @@
 //! `lifecycle`, where first-accept-wins is decided by the store. `accounts` owns users,
 //! passwords, OTP codes and pharmacy approval.
 
+pub mod accounts;
 pub mod clock;
 pub mod error;
 pub mod geo;
 pub mod hub;
 pub mod index;
+pub mod lifecycle;
+pub mod message;
 pub mod model;
 pub mod store;
 
