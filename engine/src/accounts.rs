@@ -86,11 +86,7 @@ struct SlidingWindow<K> {
 
 impl<K: Hash + Eq + Clone> SlidingWindow<K> {
     fn new(limit: usize, window: Duration) -> Self {
-        SlidingWindow {
-            window,
-            limit,
-            events: Mutex::new(HashMap::new()),
-        }
+        SlidingWindow { window, limit, events: Mutex::new(HashMap::new()) }
     }
 
     /// `Err(seconds)` until the oldest counted event leaves the window, if the key is at its limit.
@@ -99,10 +95,7 @@ impl<K: Hash + Eq + Clone> SlidingWindow<K> {
         let Some(times) = events.get_mut(key) else {
             return Ok(());
         };
-        while times
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.window)
-        {
+        while times.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
             times.pop_front();
         }
         if times.is_empty() {
@@ -122,11 +115,7 @@ impl<K: Hash + Eq + Clone> SlidingWindow<K> {
         if events.len() > 100_000 {
             // Keep memory bounded under a flood of distinct keys: drop keys with nothing live.
             let window = self.window;
-            events.retain(|_, times| {
-                times
-                    .back()
-                    .is_some_and(|t| now.duration_since(*t) < window)
-            });
+            events.retain(|_, times| times.back().is_some_and(|t| now.duration_since(*t) < window));
         }
         events.entry(key).or_default().push_back(now);
     }
@@ -174,8 +163,7 @@ impl Accounts {
         secret: &[u8],
         config: AccountsConfig,
     ) -> Result<Accounts> {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
-            .map_err(|_| Error::invalid("bad secret"))?;
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).map_err(|_| Error::invalid("bad secret"))?;
         mac.update(b"sanjevani otp key v1");
         let otp_key: [u8; 32] = mac.finalize().into_bytes().into();
         let decoy_hash = hash_blocking("decoy password that matches nothing")?;
@@ -213,11 +201,7 @@ impl Accounts {
                 .otp_per_email
                 .check(&email, now)
                 .map_err(|s| rate_limited(s, "An OTP was sent to this email recently"))?;
-            inner
-                .limits
-                .otp_per_ip
-                .check(&client_ip, now)
-                .map_err(|s| rate_limited(s, "Too many OTP requests"))?;
+            inner.limits.otp_per_ip.check(&client_ip, now).map_err(|s| rate_limited(s, "Too many OTP requests"))?;
             inner.limits.otp_per_email.record(email.clone(), now);
             inner.limits.otp_per_ip.record(client_ip, now);
         }
@@ -241,41 +225,22 @@ impl Accounts {
         let email = normalize_email(email)?;
         let code = code.trim();
         if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(Error::field(
-                "otp",
-                "otp must be the 6-digit code from the email",
-            ));
+            return Err(Error::field("otp", "otp must be the 6-digit code from the email"));
         }
-        match self
-            .inner
-            .store
-            .check_otp(&email, &self.otp_hash(&email, code), now_ms())
-            .await?
-        {
+        match self.inner.store.check_otp(&email, &self.otp_hash(&email, code), now_ms()).await? {
             OtpOutcome::Verified => Ok(()),
-            OtpOutcome::Wrong { remaining: 0 } => Err(Error::field(
-                "otp",
-                "Invalid OTP; too many wrong tries, request a new code",
-            )),
-            OtpOutcome::Wrong { remaining } => Err(Error::field(
-                "otp",
-                format!("Invalid OTP; {remaining} tries left"),
-            )),
-            OtpOutcome::NoCode => Err(Error::field(
-                "otp",
-                "No valid OTP for this email; request a new code",
-            )),
+            OtpOutcome::Wrong { remaining: 0 } => {
+                Err(Error::field("otp", "Invalid OTP; too many wrong tries, request a new code"))
+            }
+            OtpOutcome::Wrong { remaining } => Err(Error::field("otp", format!("Invalid OTP; {remaining} tries left"))),
+            OtpOutcome::NoCode => Err(Error::field("otp", "No valid OTP for this email; request a new code")),
         }
     }
 
     /// Registers a customer.
     pub async fn register_customer(&self, reg: Registration) -> Result<User> {
         let new = self.new_user(reg, Role::Customer).await?;
-        self.inner
-            .store
-            .insert_user(new)
-            .await
-            .map_err(duplicate_email)
+        self.inner.store.insert_user(new).await.map_err(duplicate_email)
     }
 
     /// Registers a pharmacy and its owner. Under `Approval::Auto` it is in broadcasts at once.
@@ -287,17 +252,9 @@ impl Accounts {
     ) -> Result<(User, Pharmacy)> {
         let pharmacy_name = required("pharmacy_name", pharmacy_name, 200)?;
         let new = self.new_user(reg, Role::Pharmacy).await?;
-        let pharmacy = NewPharmacy {
-            name: pharmacy_name,
-            location,
-            approved: self.inner.config.approval == Approval::Auto,
-        };
-        let (user, pharmacy) = self
-            .inner
-            .store
-            .insert_pharmacy_user(new, pharmacy)
-            .await
-            .map_err(duplicate_email)?;
+        let pharmacy =
+            NewPharmacy { name: pharmacy_name, location, approved: self.inner.config.approval == Approval::Auto };
+        let (user, pharmacy) = self.inner.store.insert_pharmacy_user(new, pharmacy).await.map_err(duplicate_email)?;
         if pharmacy.approved {
             self.inner.index.upsert(card(&pharmacy));
         }
@@ -307,11 +264,7 @@ impl Accounts {
     /// Creates an ADMIN account (`sanjevani admin create`).
     pub async fn create_admin(&self, reg: Registration) -> Result<User> {
         let new = self.new_user(reg, Role::Admin).await?;
-        self.inner
-            .store
-            .insert_user(new)
-            .await
-            .map_err(duplicate_email)
+        self.inner.store.insert_user(new).await.map_err(duplicate_email)
     }
 
     /// Checks credentials. After 10 failures for an email, or 100 from a client IP, within a
@@ -322,21 +275,11 @@ impl Accounts {
         let now = Instant::now();
         if inner.config.rate_limits {
             let too_many = |s| rate_limited(s, "Too many failed logins; try again later");
-            inner
-                .limits
-                .login_failures_per_email
-                .check(&email, now)
-                .map_err(too_many)?;
-            inner
-                .limits
-                .login_failures_per_ip
-                .check(&client_ip, now)
-                .map_err(too_many)?;
+            inner.limits.login_failures_per_email.check(&email, now).map_err(too_many)?;
+            inner.limits.login_failures_per_ip.check(&client_ip, now).map_err(too_many)?;
         }
         let user = inner.store.user_by_email(&email).await?;
-        let hash = user
-            .as_ref()
-            .map_or(inner.decoy_hash.clone(), |u| u.password_hash.clone());
+        let hash = user.as_ref().map_or(inner.decoy_hash.clone(), |u| u.password_hash.clone());
         let matches = self.verify_password(password, hash).await? && user.is_some();
         match user {
             Some(user) if matches => Ok(user),
@@ -361,11 +304,7 @@ impl Accounts {
     }
 
     /// Applies a profile change; a new location is used by the very next broadcast.
-    pub async fn update_pharmacy(
-        &self,
-        id: PharmacyId,
-        mut patch: PharmacyPatch,
-    ) -> Result<Pharmacy> {
+    pub async fn update_pharmacy(&self, id: PharmacyId, mut patch: PharmacyPatch) -> Result<Pharmacy> {
         if let Some(name) = patch.name.take() {
             patch.name = Some(required("pharmacy_name", &name, 200)?);
         }
@@ -390,9 +329,7 @@ impl Accounts {
     pub async fn suspend(&self, id: PharmacyId) -> Result<Pharmacy> {
         let pharmacy = self.inner.store.set_pharmacy_approved(id, false).await?;
         self.inner.index.remove(id);
-        self.inner
-            .fanout
-            .close(Audience::Pharmacy(id), Close::SUSPENDED);
+        self.inner.fanout.close(Audience::Pharmacy(id), Close::SUSPENDED);
         Ok(pharmacy)
     }
 
@@ -404,16 +341,10 @@ impl Accounts {
     async fn new_user(&self, reg: Registration, role: Role) -> Result<NewUser> {
         let email = normalize_email(&reg.email)?;
         if reg.password.chars().count() < MIN_PASSWORD_CHARS {
-            return Err(Error::field(
-                "password",
-                "password must be at least 8 characters",
-            ));
+            return Err(Error::field("password", "password must be at least 8 characters"));
         }
         if reg.password.len() > 1024 {
-            return Err(Error::field(
-                "password",
-                "password must be at most 1024 bytes",
-            ));
+            return Err(Error::field("password", "password must be at most 1024 bytes"));
         }
         let name = required("name", &reg.name, 200)?;
         let phone_number = if role == Role::Admin {
@@ -423,43 +354,22 @@ impl Accounts {
         };
         let email_verified = self.inner.store.email_verified(&email).await?;
         let password_hash = self.hash_password(reg.password).await?;
-        Ok(NewUser {
-            email,
-            password_hash,
-            name,
-            phone_number,
-            role,
-            email_verified,
-            created_at: now_ms(),
-        })
+        Ok(NewUser { email, password_hash, name, phone_number, role, email_verified, created_at: now_ms() })
     }
 
     async fn hash_password(&self, password: String) -> Result<String> {
-        let _permit = self
-            .inner
-            .hashing
-            .acquire()
-            .await
-            .map_err(|_| Error::Unavailable("shutting down".into()))?;
+        let _permit = self.inner.hashing.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
         tokio::task::spawn_blocking(move || hash_blocking(&password))
             .await
             .map_err(|e| Error::Unavailable(format!("password hashing failed: {e}")))?
     }
 
     async fn verify_password(&self, password: &str, hash: String) -> Result<bool> {
-        let _permit = self
-            .inner
-            .hashing
-            .acquire()
-            .await
-            .map_err(|_| Error::Unavailable("shutting down".into()))?;
+        let _permit = self.inner.hashing.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
         let password = password.to_owned();
         tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash).is_ok_and(|parsed| {
-                argon2id()
-                    .verify_password(password.as_bytes(), &parsed)
-                    .is_ok()
-            })
+            PasswordHash::new(&hash)
+                .is_ok_and(|parsed| argon2id().verify_password(password.as_bytes(), &parsed).is_ok())
         })
         .await
         .map_err(|e| Error::Unavailable(format!("password check failed: {e}")))
@@ -472,11 +382,7 @@ impl Accounts {
         mac.update(email.as_bytes());
         mac.update(b":");
         mac.update(code.as_bytes());
-        mac.finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -489,11 +395,7 @@ fn hash_blocking(password: &str) -> Result<String> {
 
 /// The index's view of a pharmacy.
 pub fn card(p: &Pharmacy) -> PharmacyCard {
-    PharmacyCard {
-        id: p.id,
-        name: p.name.as_str().into(),
-        location: p.location,
-    }
+    PharmacyCard { id: p.id, name: p.name.as_str().into(), location: p.location }
 }
 
 /// Trims and lower-cases an email and checks it looks like one.
@@ -501,18 +403,11 @@ pub fn normalize_email(email: &str) -> Result<String> {
     let email = email.trim().to_lowercase();
     let valid = email.len() <= 254
         && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty()
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
+            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
         })
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
         && email.matches('@').count() == 1;
-    if valid {
-        Ok(email)
-    } else {
-        Err(Error::field("email", "email must be a valid email address"))
-    }
+    if valid { Ok(email) } else { Err(Error::field("email", "email must be a valid email address")) }
 }
 
 fn required(field: &'static str, value: &str, max_chars: usize) -> Result<String> {
@@ -521,10 +416,7 @@ fn required(field: &'static str, value: &str, max_chars: usize) -> Result<String
         return Err(Error::field(field, format!("{field} is required")));
     }
     if value.chars().count() > max_chars {
-        return Err(Error::field(
-            field,
-            format!("{field} must be at most {max_chars} characters"),
-        ));
+        return Err(Error::field(field, format!("{field} must be at most {max_chars} characters")));
     }
     Ok(value.to_string())
 }
@@ -537,10 +429,7 @@ fn duplicate_email(e: Error) -> Error {
 }
 
 fn rate_limited(retry_after_secs: u64, message: &str) -> Error {
-    Error::RateLimited {
-        retry_after_secs,
-        message: message.into(),
-    }
+    Error::RateLimited { retry_after_secs, message: message.into() }
 }
 
 #[cfg(test)]
@@ -549,10 +438,7 @@ mod tests {
 
     #[test]
     fn emails_are_normalised() {
-        assert_eq!(
-            normalize_email("  John@Example.COM ").unwrap(),
-            "john@example.com"
-        );
+        assert_eq!(normalize_email("  John@Example.COM ").unwrap(), "john@example.com");
         for bad in ["", "a", "a@b", "@b.c", "a@.c", "a b@c.d", "a@b@c.d"] {
             assert!(normalize_email(bad).is_err(), "{bad}");
         }
@@ -573,16 +459,9 @@ mod tests {
     #[test]
     fn owasp_parameters_and_round_trip() {
         let hash = hash_blocking("correct horse").unwrap();
-        assert!(
-            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
-            "{hash}"
-        );
+        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
         let parsed = PasswordHash::new(&hash).unwrap();
-        assert!(
-            argon2id()
-                .verify_password(b"correct horse", &parsed)
-                .is_ok()
-        );
+        assert!(argon2id().verify_password(b"correct horse", &parsed).is_ok());
         assert!(argon2id().verify_password(b"wrong horse", &parsed).is_err());
     }
 }

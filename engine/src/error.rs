@@ -51,18 +51,12 @@ pub enum Error {
 impl Error {
     /// A 400 blaming one field.
     pub fn field(field: &'static str, message: impl Into<String>) -> Self {
-        Error::Invalid {
-            field: Some(field),
-            message: message.into(),
-        }
+        Error::Invalid { field: Some(field), message: message.into() }
     }
 
     /// A 400 about the request's state or the input as a whole.
     pub fn invalid(message: impl Into<String>) -> Self {
-        Error::Invalid {
-            field: None,
-            message: message.into(),
-        }
+        Error::Invalid { field: None, message: message.into() }
     }
 
     /// The HTTP status code this error maps to.

@@ -112,8 +112,7 @@ pub fn haversine_raw_km(lat1: f64, lng1: f64, lat2: f64, lng2: f64) -> f64 {
     let lat2_rad = lat2.to_radians();
     let d_lat = (lat2 - lat1).to_radians();
     let d_lng = (lng2 - lng1).to_radians();
-    let a =
-        (d_lat / 2.0).sin().powi(2) + lat1_rad.cos() * lat2_rad.cos() * (d_lng / 2.0).sin().powi(2);
+    let a = (d_lat / 2.0).sin().powi(2) + lat1_rad.cos() * lat2_rad.cos() * (d_lng / 2.0).sin().powi(2);
     2.0 * EARTH_RADIUS_KM * a.sqrt().atan2((1.0 - a).sqrt())
 }
 
@@ -142,10 +141,7 @@ mod tests {
     fn rejects_bad_coordinates() {
         assert_eq!(LatLng::new(f64::NAN, 0.0), Err(GeoError::NotFinite));
         assert_eq!(LatLng::new(0.0, f64::INFINITY), Err(GeoError::NotFinite));
-        assert_eq!(
-            LatLng::new(0.0, f64::NEG_INFINITY),
-            Err(GeoError::NotFinite)
-        );
+        assert_eq!(LatLng::new(0.0, f64::NEG_INFINITY), Err(GeoError::NotFinite));
         assert_eq!(LatLng::new(90.000001, 0.0), Err(GeoError::LatOutOfRange));
         assert_eq!(LatLng::new(0.0, -180.5), Err(GeoError::LngOutOfRange));
         assert!(LatLng::new(-90.0, 180.0).is_ok());

@@ -39,20 +39,11 @@ pub struct Close {
 
 impl Close {
     /// The client did not read fast enough and its queue overflowed.
-    pub const SLOW: Close = Close {
-        code: 4008,
-        reason: "slow consumer",
-    };
+    pub const SLOW: Close = Close { code: 4008, reason: "slow consumer" };
     /// The pharmacy was suspended (or is not approved).
-    pub const SUSPENDED: Close = Close {
-        code: 4003,
-        reason: "pharmacy not approved",
-    };
+    pub const SUSPENDED: Close = Close { code: 4003, reason: "pharmacy not approved" };
     /// The server is shutting down.
-    pub const SHUTDOWN: Close = Close {
-        code: 1001,
-        reason: "server shutting down",
-    };
+    pub const SHUTDOWN: Close = Close { code: 1001, reason: "server shutting down" };
 }
 
 /// A pre-rendered JSON message with one number (`distance_km`) left open between two byte runs.
@@ -72,11 +63,7 @@ impl Template {
     /// `.0` kept on whole numbers, as serde_json writes an `f64`).
     pub fn write_to(&self, number: f64, out: &mut Vec<u8>) {
         let mut buf = ryu::Buffer::new();
-        let text = if number.is_finite() {
-            buf.format_finite(number)
-        } else {
-            "null"
-        };
+        let text = if number.is_finite() { buf.format_finite(number) } else { "null" };
         out.reserve(self.prefix.len() + text.len() + self.suffix.len());
         out.extend_from_slice(&self.prefix);
         out.extend_from_slice(text.as_bytes());
@@ -124,16 +111,12 @@ pub trait Fanout: Send + Sync + 'static {
     fn send(&self, to: Audience, msg: Outbound) -> usize;
     /// Queues the same bytes on every connection of every audience in `to`, in that order.
     fn send_each(&self, to: &[Audience], msg: &Bytes) -> usize {
-        to.iter()
-            .map(|&who| self.send(who, Outbound::Shared(msg.clone())))
-            .sum()
+        to.iter().map(|&who| self.send(who, Outbound::Shared(msg.clone()))).sum()
     }
     /// Queues `template` on every connection of each audience with that audience's number,
     /// in the order given (nearest first, for a broadcast).
     fn send_patched(&self, template: &Arc<Template>, to: &[(Audience, f64)]) -> usize {
-        to.iter()
-            .map(|&(who, number)| self.send(who, Outbound::Patched(template.clone(), number)))
-            .sum()
+        to.iter().map(|&(who, number)| self.send(who, Outbound::Patched(template.clone(), number))).sum()
     }
     /// Closes every connection of `to` with `close` once its queue is flushed.
     fn close(&self, to: Audience, close: Close);
@@ -219,19 +202,12 @@ impl Hub {
     pub fn subscribe(self: &Arc<Self>, who: Audience) -> Subscription {
         let outbox = Arc::new(Outbox {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            state: Mutex::new(OutboxState {
-                frames: VecDeque::new(),
-                close: None,
-            }),
+            state: Mutex::new(OutboxState { frames: VecDeque::new(), close: None }),
             wake: Notify::new(),
             capacity: self.queue_capacity,
         });
         self.conns.entry(who).or_default().push(outbox.clone());
-        Subscription {
-            hub: self.clone(),
-            who,
-            outbox,
-        }
+        Subscription { hub: self.clone(), who, outbox }
     }
 
     /// Live connections of one account.
@@ -285,9 +261,7 @@ impl Fanout for Hub {
             queued += usize::from(outbox.push(msg.clone(), &self.stats));
         }
         drop(outboxes);
-        self.stats
-            .enqueued
-            .fetch_add(queued as u64, Ordering::Relaxed);
+        self.stats.enqueued.fetch_add(queued as u64, Ordering::Relaxed);
         queued
     }
 
@@ -296,15 +270,11 @@ impl Fanout for Hub {
         for &(who, number) in to {
             if let Some(outboxes) = self.conns.get(&who) {
                 for outbox in outboxes.iter() {
-                    queued += usize::from(
-                        outbox.push(Outbound::Patched(template.clone(), number), &self.stats),
-                    );
+                    queued += usize::from(outbox.push(Outbound::Patched(template.clone(), number), &self.stats));
                 }
             }
         }
-        self.stats
-            .enqueued
-            .fetch_add(queued as u64, Ordering::Relaxed);
+        self.stats.enqueued.fetch_add(queued as u64, Ordering::Relaxed);
         queued
     }
 
@@ -392,19 +362,11 @@ impl MemoryBus {
 
 impl Fanout for MemoryBus {
     fn send(&self, to: Audience, msg: Outbound) -> usize {
-        self.nodes
-            .read()
-            .iter()
-            .map(|hub| hub.send(to, msg.clone()))
-            .sum()
+        self.nodes.read().iter().map(|hub| hub.send(to, msg.clone())).sum()
     }
 
     fn send_patched(&self, template: &Arc<Template>, to: &[(Audience, f64)]) -> usize {
-        self.nodes
-            .read()
-            .iter()
-            .map(|hub| hub.send_patched(template, to))
-            .sum()
+        self.nodes.read().iter().map(|hub| hub.send_patched(template, to)).sum()
     }
 
     fn close(&self, to: Audience, close: Close) {
@@ -424,10 +386,7 @@ mod tests {
 
     #[test]
     fn template_patches_the_number() {
-        let t = Template::new(
-            Bytes::from_static(b"{\"d\":"),
-            Bytes::from_static(b",\"x\":1}"),
-        );
+        let t = Template::new(Bytes::from_static(b"{\"d\":"), Bytes::from_static(b",\"x\":1}"));
         assert_eq!(t.render(2.5), b"{\"d\":2.5,\"x\":1}");
         assert_eq!(t.render(3.0), b"{\"d\":3.0,\"x\":1}");
         assert_eq!(t.render(0.0), b"{\"d\":0.0,\"x\":1}");
@@ -439,13 +398,7 @@ mod tests {
         let a = hub.subscribe(Audience::Customer(1));
         let b = hub.subscribe(Audience::Customer(1));
         let other = hub.subscribe(Audience::Customer(2));
-        assert_eq!(
-            hub.send(
-                Audience::Customer(1),
-                Outbound::Shared(Bytes::from_static(b"m1"))
-            ),
-            2
-        );
+        assert_eq!(hub.send(Audience::Customer(1), Outbound::Shared(Bytes::from_static(b"m1"))), 2);
         let mut batch = Vec::new();
         assert_eq!(a.recv(&mut batch).await, None);
         assert_eq!(batch.len(), 1);
@@ -465,10 +418,7 @@ mod tests {
         let hub = Hub::new(4);
         let stalled = hub.subscribe(Audience::Pharmacy(1));
         let healthy = hub.subscribe(Audience::Pharmacy(2));
-        let template = Arc::new(Template::new(
-            Bytes::from_static(b"{\"n\":"),
-            Bytes::from_static(b"}"),
-        ));
+        let template = Arc::new(Template::new(Bytes::from_static(b"{\"n\":"), Bytes::from_static(b"}")));
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut batch = Vec::new();
@@ -479,17 +429,13 @@ mod tests {
             got
         });
         for i in 0..100 {
-            let to = [
-                (Audience::Pharmacy(1), i as f64),
-                (Audience::Pharmacy(2), i as f64),
-            ];
+            let to = [(Audience::Pharmacy(1), i as f64), (Audience::Pharmacy(2), i as f64)];
             hub.send_patched(&template, &to);
             tokio::task::yield_now().await;
         }
         let got = reader.await.unwrap();
-        let want: Vec<String> = (0..100)
-            .map(|i| format!("{{\"n\":{}}}", i as f64).replace("{\"n\":0}", "{\"n\":0.0}"))
-            .collect();
+        let want: Vec<String> =
+            (0..100).map(|i| format!("{{\"n\":{}}}", i as f64).replace("{\"n\":0}", "{\"n\":0.0}")).collect();
         assert_eq!(got.len(), 100);
         for (g, i) in got.iter().zip(0..) {
             assert_eq!(g, &String::from_utf8(template.render(i as f64)).unwrap());
@@ -500,28 +446,17 @@ mod tests {
         assert_eq!(stalled.recv(&mut batch).await, Some(Close::SLOW));
         assert_eq!(
             batch.iter().map(text).collect::<Vec<_>>(),
-            (0..4)
-                .map(|i| String::from_utf8(template.render(i as f64)).unwrap())
-                .collect::<Vec<_>>()
+            (0..4).map(|i| String::from_utf8(template.render(i as f64)).unwrap()).collect::<Vec<_>>()
         );
         assert_eq!(hub.stats().slow_cuts.load(Ordering::Relaxed), 1);
-        assert_eq!(
-            hub.send(
-                Audience::Pharmacy(1),
-                Outbound::Shared(Bytes::from_static(b"x"))
-            ),
-            0
-        );
+        assert_eq!(hub.send(Audience::Pharmacy(1), Outbound::Shared(Bytes::from_static(b"x"))), 0);
     }
 
     #[tokio::test]
     async fn close_is_delivered_after_the_backlog() {
         let hub = Hub::new(8);
         let sub = hub.subscribe(Audience::Pharmacy(9));
-        hub.send(
-            Audience::Pharmacy(9),
-            Outbound::Shared(Bytes::from_static(b"last")),
-        );
+        hub.send(Audience::Pharmacy(9), Outbound::Shared(Bytes::from_static(b"last")));
         hub.close(Audience::Pharmacy(9), Close::SUSPENDED);
         let mut batch = Vec::new();
         assert_eq!(sub.recv(&mut batch).await, Some(Close::SUSPENDED));
@@ -536,13 +471,7 @@ mod tests {
         bus.join(node_b.clone());
         let on_a = node_a.subscribe(Audience::Customer(5));
         let on_b = node_b.subscribe(Audience::Customer(5));
-        assert_eq!(
-            bus.send(
-                Audience::Customer(5),
-                Outbound::Shared(Bytes::from_static(b"hi"))
-            ),
-            2
-        );
+        assert_eq!(bus.send(Audience::Customer(5), Outbound::Shared(Bytes::from_static(b"hi"))), 2);
         let mut batch = Vec::new();
         on_a.recv(&mut batch).await;
         on_b.recv(&mut batch).await;

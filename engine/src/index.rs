@@ -51,16 +51,8 @@ impl PharmacyIndex {
             let point = card.location.unit_vector();
             by_id.insert(card.id, (card, point));
         }
-        let entries = by_id
-            .values()
-            .map(|(card, point)| Entry::new(*point, card.id))
-            .collect();
-        PharmacyIndex {
-            inner: RwLock::new(Inner {
-                tree: RTree::bulk_load(entries),
-                cards: by_id,
-            }),
-        }
+        let entries = by_id.values().map(|(card, point)| Entry::new(*point, card.id)).collect();
+        PharmacyIndex { inner: RwLock::new(Inner { tree: RTree::bulk_load(entries), cards: by_id }) }
     }
 
     /// Adds a pharmacy, or moves and renames one already there.
@@ -103,11 +95,7 @@ impl PharmacyIndex {
 
     /// The card of one pharmacy.
     pub fn card(&self, id: PharmacyId) -> Option<PharmacyCard> {
-        self.inner
-            .read()
-            .cards
-            .get(&id)
-            .map(|(card, _)| card.clone())
+        self.inner.read().cards.get(&id).map(|(card, _)| card.clone())
     }
 
     /// Pharmacies within `radius_km` great-circle km of `center`, nearest first, with their
@@ -142,8 +130,7 @@ fn collect_within(tree: &RTree<Entry>, center: LatLng, radius_km: f64) -> Vec<(P
         .locate_within_distance(query, chord * chord)
         .map(|entry| {
             let p = entry.geom();
-            let d2 =
-                (p[0] - query[0]).powi(2) + (p[1] - query[1]).powi(2) + (p[2] - query[2]).powi(2);
+            let d2 = (p[0] - query[0]).powi(2) + (p[1] - query[1]).powi(2) + (p[2] - query[2]).powi(2);
             (entry.data, d2)
         })
         .collect();
@@ -157,11 +144,7 @@ fn collect_within(tree: &RTree<Entry>, center: LatLng, radius_km: f64) -> Vec<(P
 
 /// The seed's method, kept as the baseline and the test oracle: Haversine over every pharmacy in
 /// a plain loop, keep those within the radius, nearest first.
-pub fn linear_scan(
-    points: &[(PharmacyId, f64, f64)],
-    center: LatLng,
-    radius_km: f64,
-) -> Vec<(PharmacyId, f64)> {
+pub fn linear_scan(points: &[(PharmacyId, f64, f64)], center: LatLng, radius_km: f64) -> Vec<(PharmacyId, f64)> {
     let mut hits: Vec<(PharmacyId, f64)> = points
         .iter()
         .filter_map(|&(id, lat, lng)| {
@@ -179,11 +162,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn card(id: PharmacyId, lat: f64, lng: f64) -> PharmacyCard {
-        PharmacyCard {
-            id,
-            name: format!("P{id}").into(),
-            location: LatLng::new(lat, lng).unwrap(),
-        }
+        PharmacyCard { id, name: format!("P{id}").into(), location: LatLng::new(lat, lng).unwrap() }
     }
 
     fn ll(lat: f64, lng: f64) -> LatLng {
@@ -199,13 +178,7 @@ mod tests {
             card(4, 27.812546, 85.216154),
         ]);
         let center = ll(27.7172, 85.3240);
-        let ids = |r| {
-            index
-                .within(center, r)
-                .into_iter()
-                .map(|(id, _)| id)
-                .collect::<Vec<_>>()
-        };
+        let ids = |r| index.within(center, r).into_iter().map(|(id, _)| id).collect::<Vec<_>>();
         assert_eq!(ids(3.0), vec![1, 2]);
         assert_eq!(ids(10.0), vec![1, 2, 3]);
         assert_eq!(ids(20.0), vec![1, 2, 3, 4]);
@@ -223,17 +196,9 @@ mod tests {
             card(4, 89.999, 180.0),
             card(5, 0.0, 0.0),
         ]);
-        let ids: Vec<_> = index
-            .within(ll(0.0, 180.0), 2.0)
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let ids: Vec<_> = index.within(ll(0.0, 180.0), 2.0).into_iter().map(|(id, _)| id).collect();
         assert_eq!(ids.len(), 2, "{ids:?}");
-        let ids: Vec<_> = index
-            .within(ll(90.0, 0.0), 1.0)
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let ids: Vec<_> = index.within(ll(90.0, 0.0), 1.0).into_iter().map(|(id, _)| id).collect();
         assert_eq!(ids.len(), 2, "{ids:?}");
     }
 
@@ -253,11 +218,8 @@ mod tests {
 
     #[test]
     fn queries_run_while_pharmacies_change() {
-        let index = Arc::new(PharmacyIndex::bulk_load(
-            (0..2000)
-                .map(|i| card(i, 27.0 + (i as f64) * 1e-4, 85.0))
-                .collect(),
-        ));
+        let index =
+            Arc::new(PharmacyIndex::bulk_load((0..2000).map(|i| card(i, 27.0 + (i as f64) * 1e-4, 85.0)).collect()));
         let writer = {
             let index = index.clone();
             std::thread::spawn(move || {
@@ -284,34 +246,20 @@ mod tests {
         radius_km: f64,
     ) -> Result<(), TestCaseError> {
         const MM_KM: f64 = 1e-6;
-        let index = PharmacyIndex::bulk_load(
-            points
-                .iter()
-                .map(|&(id, lat, lng)| card(id, lat, lng))
-                .collect(),
-        );
+        let index = PharmacyIndex::bulk_load(points.iter().map(|&(id, lat, lng)| card(id, lat, lng)).collect());
         let near_edge = |id: &PharmacyId| {
             let &(_, lat, lng) = points.iter().find(|p| p.0 == *id).unwrap();
             (geo::haversine_raw_km(center.lat(), center.lng(), lat, lng) - radius_km).abs() <= MM_KM
         };
-        let mut got: Vec<_> = index
-            .within(center, radius_km)
-            .into_iter()
-            .filter(|h| !near_edge(&h.0))
-            .collect();
-        let mut want: Vec<_> = linear_scan(points, center, radius_km)
-            .into_iter()
-            .filter(|h| !near_edge(&h.0))
-            .collect();
+        let mut got: Vec<_> = index.within(center, radius_km).into_iter().filter(|h| !near_edge(&h.0)).collect();
+        let mut want: Vec<_> =
+            linear_scan(points, center, radius_km).into_iter().filter(|h| !near_edge(&h.0)).collect();
         for w in got.windows(2) {
             prop_assert!(w[0].1 <= w[1].1 + 1e-9, "not nearest first");
         }
         got.sort_by_key(|h| h.0);
         want.sort_by_key(|h| h.0);
-        prop_assert_eq!(
-            got.iter().map(|h| h.0).collect::<Vec<_>>(),
-            want.iter().map(|h| h.0).collect::<Vec<_>>()
-        );
+        prop_assert_eq!(got.iter().map(|h| h.0).collect::<Vec<_>>(), want.iter().map(|h| h.0).collect::<Vec<_>>());
         for (g, w) in got.iter().zip(&want) {
             prop_assert!((g.1 - w.1).abs() < 1e-6, "distance {} vs {}", g.1, w.1);
         }
@@ -324,32 +272,24 @@ mod tests {
         spread_deg: f64,
         lng_spread_deg: f64,
     ) -> impl Strategy<Value = (LatLng, Vec<(PharmacyId, f64, f64)>)> {
-        let offsets = prop::collection::vec(
-            (-spread_deg..spread_deg, -lng_spread_deg..lng_spread_deg),
-            1..300,
-        );
-        (
-            offsets,
-            -spread_deg..spread_deg,
-            -lng_spread_deg..lng_spread_deg,
-        )
-            .prop_map(move |(offs, qlat, qlng)| {
-                let wrap = |lat: f64, lng: f64| {
-                    let lat = lat.clamp(-90.0, 90.0);
-                    let lng = ((lng + 180.0).rem_euclid(360.0)) - 180.0;
-                    (lat, lng)
-                };
-                let points = offs
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (dlat, dlng))| {
-                        let (lat, lng) = wrap(center.0 + dlat, center.1 + dlng);
-                        (i as PharmacyId, lat, lng)
-                    })
-                    .collect();
-                let (lat, lng) = wrap(center.0 + qlat, center.1 + qlng);
-                (LatLng::new(lat, lng).unwrap(), points)
-            })
+        let offsets = prop::collection::vec((-spread_deg..spread_deg, -lng_spread_deg..lng_spread_deg), 1..300);
+        (offsets, -spread_deg..spread_deg, -lng_spread_deg..lng_spread_deg).prop_map(move |(offs, qlat, qlng)| {
+            let wrap = |lat: f64, lng: f64| {
+                let lat = lat.clamp(-90.0, 90.0);
+                let lng = ((lng + 180.0).rem_euclid(360.0)) - 180.0;
+                (lat, lng)
+            };
+            let points = offs
+                .into_iter()
+                .enumerate()
+                .map(|(i, (dlat, dlng))| {
+                    let (lat, lng) = wrap(center.0 + dlat, center.1 + dlng);
+                    (i as PharmacyId, lat, lng)
+                })
+                .collect();
+            let (lat, lng) = wrap(center.0 + qlat, center.1 + qlng);
+            (LatLng::new(lat, lng).unwrap(), points)
+        })
     }
 
     proptest! {

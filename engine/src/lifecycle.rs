@@ -49,9 +49,7 @@ pub struct LifecycleConfig {
 
 impl Default for LifecycleConfig {
     fn default() -> Self {
-        LifecycleConfig {
-            request_ttl: Duration::from_secs(15 * 60),
-        }
+        LifecycleConfig { request_ttl: Duration::from_secs(15 * 60) }
     }
 }
 
@@ -146,9 +144,7 @@ struct LiveRequest {
 
 impl LiveRequest {
     fn recipient(&self, pharmacy_id: PharmacyId) -> Option<&Recipient> {
-        self.recipients
-            .iter()
-            .find(|r| r.pharmacy_id == pharmacy_id)
+        self.recipients.iter().find(|r| r.pharmacy_id == pharmacy_id)
     }
 }
 
@@ -217,9 +213,7 @@ impl Lifecycle {
         urls: Arc<dyn MediaUrls>,
         config: LifecycleConfig,
     ) -> Result<Lifecycle> {
-        let ttl_ms = i64::try_from(config.request_ttl.as_millis())
-            .unwrap_or(i64::MAX / 4)
-            .max(1);
+        let ttl_ms = i64::try_from(config.request_ttl.as_millis()).unwrap_or(i64::MAX / 4).max(1);
         let inner = Arc::new(Inner {
             store,
             fanout,
@@ -248,48 +242,28 @@ impl Lifecycle {
     /// Creates a request for `customer`, records it with its recipients (approved pharmacies in
     /// the radius, nearest first) and queues `new_request` to each. `base_url` is what media URLs
     /// in the broadcast are built on. A repeated idempotency key returns the first request.
-    pub async fn create(
-        &self,
-        customer: &User,
-        input: RequestInput,
-        base_url: &str,
-    ) -> Result<CreatedRequest> {
+    pub async fn create(&self, customer: &User, input: RequestInput, base_url: &str) -> Result<CreatedRequest> {
         let inner = &self.inner;
         if customer.role != Role::Customer {
-            return Err(Error::Forbidden(
-                "Only customers can create medicine requests".into(),
-            ));
+            return Err(Error::Forbidden("Only customers can create medicine requests".into()));
         }
         let quantity = u32::try_from(input.quantity)
             .ok()
             .filter(|q| *q >= 1)
-            .ok_or_else(|| {
-                Error::field("quantity", "quantity must be a whole number of at least 1")
-            })?;
+            .ok_or_else(|| Error::field("quantity", "quantity must be a whole number of at least 1"))?;
         let medicine_name = non_empty(input.medicine_name);
-        if medicine_name
-            .as_ref()
-            .is_some_and(|s| s.chars().count() > MAX_MEDICINE_NAME_CHARS)
-        {
-            return Err(Error::field(
-                "medicine_name",
-                "medicine_name must be at most 200 characters",
-            ));
+        if medicine_name.as_ref().is_some_and(|s| s.chars().count() > MAX_MEDICINE_NAME_CHARS) {
+            return Err(Error::field("medicine_name", "medicine_name must be at most 200 characters"));
         }
         let note = non_empty(input.note);
-        if note
-            .as_ref()
-            .is_some_and(|s| s.chars().count() > MAX_NOTE_CHARS)
-        {
+        if note.as_ref().is_some_and(|s| s.chars().count() > MAX_NOTE_CHARS) {
             return Err(Error::field("note", "note must be at most 1000 characters"));
         }
         if let Some(key) = &input.idempotency_key {
             validate_idempotency_key(key)?;
         }
 
-        let recipients = inner
-            .index
-            .recipients_within(input.location, input.radius.km());
+        let recipients = inner.index.recipients_within(input.location, input.radius.km());
         let now = now_ms();
         let new = NewRequest {
             customer_id: customer.id,
@@ -307,47 +281,25 @@ impl Lifecycle {
         };
         match inner.store.create_request(new, recipients.clone()).await? {
             Created::Existing(request) => {
-                let pharmacies_notified =
-                    match inner.live.get(&request.id).map(|e| e.value().clone()) {
-                        Some(live) => live.lock().recipients.len(),
-                        None => inner.store.recipients(request.id).await?.len(),
-                    };
-                Ok(CreatedRequest {
-                    request,
-                    pharmacies_notified,
-                    repeated: true,
-                })
+                let pharmacies_notified = match inner.live.get(&request.id).map(|e| e.value().clone()) {
+                    Some(live) => live.lock().recipients.len(),
+                    None => inner.store.recipients(request.id).await?.len(),
+                };
+                Ok(CreatedRequest { request, pharmacies_notified, repeated: true })
             }
             Created::New(request) => {
                 let pharmacies_notified = recipients.len();
                 inner.stats.created.fetch_add(1, Ordering::Relaxed);
-                inner
-                    .stats
-                    .notified
-                    .fetch_add(pharmacies_notified as u64, Ordering::Relaxed);
-                inner.open(
-                    request.clone(),
-                    recipients,
-                    FxHashMap::default(),
-                    Some(base_url),
-                );
-                Ok(CreatedRequest {
-                    request,
-                    pharmacies_notified,
-                    repeated: false,
-                })
+                inner.stats.notified.fetch_add(pharmacies_notified as u64, Ordering::Relaxed);
+                inner.open(request.clone(), recipients, FxHashMap::default(), Some(base_url));
+                Ok(CreatedRequest { request, pharmacies_notified, repeated: false })
             }
         }
     }
 
     /// Records a pharmacy's answer. First ACCEPTED wins; a repeat of the pharmacy's own answer
     /// gets the original back and sends nothing; see API.md for every other case.
-    pub async fn respond(
-        &self,
-        pharmacy: &Pharmacy,
-        input: ResponseInput,
-        base_url: &str,
-    ) -> Result<Responded> {
+    pub async fn respond(&self, pharmacy: &Pharmacy, input: ResponseInput, base_url: &str) -> Result<Responded> {
         let inner = &self.inner;
         let live = inner.live.get(&input.request_id).map(|e| e.value().clone());
         if let Some(live) = &live {
@@ -356,9 +308,7 @@ impl Lifecycle {
             if state.recipient(pharmacy.id).is_none() {
                 return Err(not_found());
             }
-            if state.request.status != RequestStatus::Pending
-                && !state.responded.contains_key(&pharmacy.id)
-            {
+            if state.request.status != RequestStatus::Pending && !state.responded.contains_key(&pharmacy.id) {
                 return Err(closed_error(state.request.status));
             }
         }
@@ -377,16 +327,10 @@ impl Lifecycle {
         match outcome {
             ResponseOutcome::Recorded(response) => {
                 inner.recorded(&response, live, base_url).await?;
-                Ok(Responded {
-                    response,
-                    repeated: false,
-                })
+                Ok(Responded { response, repeated: false })
             }
             ResponseOutcome::Repeat(response) if response.response_type == input.response_type => {
-                Ok(Responded {
-                    response,
-                    repeated: true,
-                })
+                Ok(Responded { response, repeated: true })
             }
             ResponseOutcome::Repeat(response) => Err(Error::Conflict(format!(
                 "This pharmacy has already responded {} to this request",
@@ -399,11 +343,7 @@ impl Lifecycle {
 
     /// Cancels the owner's PENDING request and tells its customer and the pharmacies that have
     /// not answered.
-    pub async fn cancel(
-        &self,
-        customer_id: UserId,
-        request_id: RequestId,
-    ) -> Result<MedicineRequest> {
+    pub async fn cancel(&self, customer_id: UserId, request_id: RequestId) -> Result<MedicineRequest> {
         let inner = &self.inner;
         if let Some(live) = inner.live.get(&request_id).map(|e| e.value().clone()) {
             let state = live.lock();
@@ -415,40 +355,23 @@ impl Lifecycle {
             }
         }
         let now = now_ms();
-        match inner
-            .store
-            .cancel_request(request_id, customer_id, now)
-            .await?
-        {
+        match inner.store.cancel_request(request_id, customer_id, now).await? {
             Decision::Won => {
                 inner.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                Ok(inner
-                    .close(request_id, RequestStatus::Cancelled, now)
-                    .await?)
+                Ok(inner.close(request_id, RequestStatus::Cancelled, now).await?)
             }
             Decision::Lost(status) => Err(not_pending(status)),
         }
     }
 
     /// The owner's request with its responses and recipients; anyone else's → 404.
-    pub async fn detail(
-        &self,
-        customer_id: UserId,
-        request_id: RequestId,
-    ) -> Result<RequestDetail> {
+    pub async fn detail(&self, customer_id: UserId, request_id: RequestId) -> Result<RequestDetail> {
         let store = &self.inner.store;
-        let request = store
-            .request(request_id)
-            .await?
-            .filter(|r| r.customer_id == customer_id)
-            .ok_or_else(not_found)?;
+        let request =
+            store.request(request_id).await?.filter(|r| r.customer_id == customer_id).ok_or_else(not_found)?;
         let responses = store.responses(request_id).await?;
         let notified = store.recipients(request_id).await?;
-        Ok(RequestDetail {
-            request,
-            responses,
-            notified,
-        })
+        Ok(RequestDetail { request, responses, notified })
     }
 
     /// The customer's requests, newest first.
@@ -470,8 +393,8 @@ impl Lifecycle {
             .filter_map(|(id, distance)| {
                 let live = self.inner.live.get(&id).map(|e| e.value().clone())?;
                 let state = live.lock();
-                let open = state.request.status == RequestStatus::Pending
-                    && !state.responded.contains_key(&pharmacy_id);
+                let open =
+                    state.request.status == RequestStatus::Pending && !state.responded.contains_key(&pharmacy_id);
                 open.then(|| (state.request.clone(), distance))
             })
             .collect()
@@ -488,10 +411,7 @@ impl Lifecycle {
                 let mut frames: Vec<Bytes> = pending
                     .iter()
                     .map(|(req, distance)| {
-                        let image = req
-                            .image
-                            .as_deref()
-                            .map(|key| self.inner.urls.url(base_url, key));
+                        let image = req.image.as_deref().map(|key| self.inner.urls.url(base_url, key));
                         let template = message::new_request_template(req, image.as_deref(), true);
                         Bytes::from(template.render(crate::geo::round2(*distance)))
                     })
@@ -501,12 +421,7 @@ impl Lifecycle {
                 frames
             }
             Audience::Customer(customer_id) => {
-                let ids = self
-                    .inner
-                    .by_customer
-                    .get(&customer_id)
-                    .map(|v| v.clone())
-                    .unwrap_or_default();
+                let ids = self.inner.by_customer.get(&customer_id).map(|v| v.clone()).unwrap_or_default();
                 let (mut pending, mut closed) = (Vec::new(), Vec::new());
                 for id in ids {
                     let Some(live) = self.inner.live.get(&id).map(|e| e.value().clone()) else {
@@ -538,24 +453,13 @@ impl Inner {
         let pending = request.status == RequestStatus::Pending;
         let expires_at = request.expires_at;
         let forget_at = request.closed_at.map(|t| t + self.ttl_ms);
-        let live = Arc::new(Mutex::new(LiveRequest {
-            request,
-            recipients,
-            responded,
-        }));
+        let live = Arc::new(Mutex::new(LiveRequest { request, recipients, responded }));
         let state = live.lock();
         self.live.insert(id, live.clone());
         self.by_customer.entry(customer_id).or_default().push(id);
         if pending {
-            for r in state
-                .recipients
-                .iter()
-                .filter(|r| !state.responded.contains_key(&r.pharmacy_id))
-            {
-                self.unanswered
-                    .entry(r.pharmacy_id)
-                    .or_default()
-                    .insert(id, r.distance_km);
+            for r in state.recipients.iter().filter(|r| !state.responded.contains_key(&r.pharmacy_id)) {
+                self.unanswered.entry(r.pharmacy_id).or_default().insert(id, r.distance_km);
             }
             self.stats.pending.fetch_add(1, Ordering::Relaxed);
             self.timers.schedule(expires_at, TimerKind::Expire, id);
@@ -563,25 +467,12 @@ impl Inner {
             self.timers.schedule(at, TimerKind::Forget, id);
         }
         if let Some(base) = broadcast_base {
-            let image = state
-                .request
-                .image
-                .as_deref()
-                .map(|key| self.urls.url(base, key));
-            let template = Arc::new(message::new_request_template(
-                &state.request,
-                image.as_deref(),
-                false,
-            ));
+            let image = state.request.image.as_deref().map(|key| self.urls.url(base, key));
+            let template = Arc::new(message::new_request_template(&state.request, image.as_deref(), false));
             let targets: Vec<(Audience, f64)> = state
                 .recipients
                 .iter()
-                .map(|r| {
-                    (
-                        Audience::Pharmacy(r.pharmacy_id),
-                        crate::geo::round2(r.distance_km),
-                    )
-                })
+                .map(|r| (Audience::Pharmacy(r.pharmacy_id), crate::geo::round2(r.distance_km)))
                 .collect();
             self.fanout.send_patched(&template, &targets);
         }
@@ -592,6 +483,19 @@ impl Inner {
         self.open(snap.request, snap.recipients, responded, None);
     }
 
+    /// The request's in-memory state; one this node does not hold (another node created it, or
+    /// it closed long ago) is loaded from the store, detached from the maps, so that its
+    /// messages still go out.
+    async fn live_or_load(&self, id: RequestId) -> Result<Arc<Mutex<LiveRequest>>> {
+        if let Some(live) = self.live.get(&id).map(|e| e.value().clone()) {
+            return Ok(live);
+        }
+        let request = self.store.request(id).await?.ok_or_else(not_found)?;
+        let recipients = self.store.recipients(id).await?;
+        let responded = self.store.responses(id).await?.into_iter().map(|r| (r.pharmacy_id, r.response_type)).collect();
+        Ok(Arc::new(Mutex::new(LiveRequest { request, recipients, responded })))
+    }
+
     /// A response the store recorded: update memory and tell the customer (and, for the winner,
     /// every other notified pharmacy).
     async fn recorded(
@@ -600,48 +504,17 @@ impl Inner {
         live: Option<Arc<Mutex<LiveRequest>>>,
         base_url: &str,
     ) -> Result<()> {
-        let live = match live.or_else(|| {
-            self.live
-                .get(&response.request_id)
-                .map(|e| e.value().clone())
-        }) {
+        let live = match live {
             Some(live) => live,
-            None => {
-                // Not in memory (it cannot be PENDING then); still tell the customer.
-                let request = self
-                    .store
-                    .request(response.request_id)
-                    .await?
-                    .ok_or_else(not_found)?;
-                let recipients = self.store.recipients(response.request_id).await?;
-                if let Some(recipient) = recipients
-                    .iter()
-                    .find(|r| r.pharmacy_id == response.pharmacy_id)
-                {
-                    let audio = response
-                        .audio
-                        .as_deref()
-                        .map(|key| self.urls.url(base_url, key));
-                    let msg = message::pharmacy_response(response, recipient, audio.as_deref());
-                    self.fanout
-                        .send_each(&[Audience::Customer(request.customer_id)], &msg);
-                }
-                return Ok(());
-            }
+            None => self.live_or_load(response.request_id).await?,
         };
         let mut state = live.lock();
-        state
-            .responded
-            .insert(response.pharmacy_id, response.response_type);
+        state.responded.insert(response.pharmacy_id, response.response_type);
         self.drop_unanswered(response.pharmacy_id, response.request_id);
-        let audio = response
-            .audio
-            .as_deref()
-            .map(|key| self.urls.url(base_url, key));
+        let audio = response.audio.as_deref().map(|key| self.urls.url(base_url, key));
         if let Some(recipient) = state.recipient(response.pharmacy_id) {
             let msg = message::pharmacy_response(response, recipient, audio.as_deref());
-            self.fanout
-                .send_each(&[Audience::Customer(state.request.customer_id)], &msg);
+            self.fanout.send_each(&[Audience::Customer(state.request.customer_id)], &msg);
         }
         match response.response_type {
             ResponseType::Rejected => {
@@ -649,7 +522,9 @@ impl Inner {
             }
             ResponseType::Accepted => {
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+                if state.request.status == RequestStatus::Pending {
+                    self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+                }
                 state.request.status = RequestStatus::Accepted;
                 state.request.pharmacy_id = Some(response.pharmacy_id);
                 state.request.pharmacy_name = Some(response.pharmacy_name.clone());
@@ -661,13 +536,8 @@ impl Inner {
                     .map(|r| Audience::Pharmacy(r.pharmacy_id))
                     .collect();
                 self.forget_unanswered(&state);
-                self.fanout
-                    .send_each(&others, &message::request_taken(response.request_id));
-                self.timers.schedule(
-                    response.responded_at + self.ttl_ms,
-                    TimerKind::Forget,
-                    response.request_id,
-                );
+                self.fanout.send_each(&others, &message::request_taken(response.request_id));
+                self.timers.schedule(response.responded_at + self.ttl_ms, TimerKind::Forget, response.request_id);
             }
         }
         Ok(())
@@ -675,15 +545,8 @@ impl Inner {
 
     /// A cancel or expiry the store decided: update memory, tell the customer and the pharmacies
     /// that have not answered. Returns the closed request.
-    async fn close(
-        &self,
-        id: RequestId,
-        status: RequestStatus,
-        now: UnixMs,
-    ) -> Result<MedicineRequest> {
-        let Some(live) = self.live.get(&id).map(|e| e.value().clone()) else {
-            return self.store.request(id).await?.ok_or_else(not_found);
-        };
+    async fn close(&self, id: RequestId, status: RequestStatus, now: UnixMs) -> Result<MedicineRequest> {
+        let live = self.live_or_load(id).await?;
         let mut state = live.lock();
         if state.request.status == RequestStatus::Pending {
             self.stats.pending.fetch_sub(1, Ordering::Relaxed);
@@ -701,8 +564,7 @@ impl Inner {
         );
         self.forget_unanswered(&state);
         self.fanout.send_each(&told, &msg);
-        self.timers
-            .schedule(now + self.ttl_ms, TimerKind::Forget, id);
+        self.timers.schedule(now + self.ttl_ms, TimerKind::Forget, id);
         Ok(state.request.clone())
     }
 
@@ -716,8 +578,7 @@ impl Inner {
         if let Some(mut pending) = self.unanswered.get_mut(&pharmacy_id) {
             pending.remove(&request_id);
         }
-        self.unanswered
-            .remove_if(&pharmacy_id, |_, pending| pending.is_empty());
+        self.unanswered.remove_if(&pharmacy_id, |_, pending| pending.is_empty());
     }
 
     async fn expire(self: Arc<Self>, id: RequestId) {
@@ -765,17 +626,19 @@ async fn run_timers(inner: Weak<Inner>, timers: Arc<Timers>) {
                 match kind {
                     // Each expiry is its own task so that many due at once share the store's batches.
                     TimerKind::Expire => {
-                        let still_pending = inner.live.get(&id).is_some_and(|e| {
-                            e.value().lock().request.status == RequestStatus::Pending
-                        });
+                        let still_pending = inner
+                            .live
+                            .get(&id)
+                            .is_some_and(|e| e.value().lock().request.status == RequestStatus::Pending);
                         if still_pending {
                             tokio::spawn(inner.clone().expire(id));
                         }
                     }
                     TimerKind::Forget => {
-                        let closed = inner.live.get(&id).is_some_and(|e| {
-                            e.value().lock().request.status != RequestStatus::Pending
-                        });
+                        let closed = inner
+                            .live
+                            .get(&id)
+                            .is_some_and(|e| e.value().lock().request.status != RequestStatus::Pending);
                         if closed {
                             inner.forget(id);
                         }
@@ -802,9 +665,7 @@ fn non_empty(s: Option<String>) -> Option<String> {
 fn validate_idempotency_key(key: &str) -> Result<()> {
     let printable = key.bytes().all(|b| (0x20..=0x7e).contains(&b));
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || !printable {
-        return Err(Error::invalid(
-            "Idempotency-Key must be 1 to 255 printable ASCII characters",
-        ));
+        return Err(Error::invalid("Idempotency-Key must be 1 to 255 printable ASCII characters"));
     }
     Ok(())
 }
@@ -823,8 +684,5 @@ fn closed_error(status: RequestStatus) -> Error {
 }
 
 fn not_pending(status: RequestStatus) -> Error {
-    Error::invalid(format!(
-        "Only a PENDING request can be cancelled; this one is {}",
-        status.as_str()
-    ))
+    Error::invalid(format!("Only a PENDING request can be cancelled; this one is {}", status.as_str()))
 }

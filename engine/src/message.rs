@@ -6,9 +6,7 @@
 use crate::clock::rfc3339;
 use crate::geo::{LatLng, round2};
 use crate::hub::Template;
-use crate::model::{
-    MedicineRequest, Pharmacy, PharmacyResponse, Recipient, RequestId, RequestStatus, User,
-};
+use crate::model::{MedicineRequest, Pharmacy, PharmacyResponse, Recipient, RequestId, RequestStatus, User};
 use bytes::Bytes;
 use serde::Serialize;
 
@@ -36,10 +34,7 @@ struct Location {
 
 impl From<LatLng> for Location {
     fn from(p: LatLng) -> Self {
-        Location {
-            lat: p.lat(),
-            lng: p.lng(),
-        }
+        Location { lat: p.lat(), lng: p.lng() }
     }
 }
 
@@ -85,11 +80,7 @@ pub fn pharmacy_connection(pharmacy: &Pharmacy) -> Bytes {
 }
 
 /// `new_request` with `distance_km` left open; `replay` adds `"replay": true`.
-pub fn new_request_template(
-    req: &MedicineRequest,
-    image_url: Option<&str>,
-    replay: bool,
-) -> Template {
+pub fn new_request_template(req: &MedicineRequest, image_url: Option<&str>, replay: bool) -> Template {
     #[derive(Serialize)]
     struct Msg<'a> {
         r#type: &'static str,
@@ -123,10 +114,7 @@ pub fn new_request_template(
     .unwrap_or_default();
     // Keys are unique and every string value is escaped, so this byte run occurs exactly once.
     const OPEN: &[u8] = b"\"distance_km\":0.0";
-    let at = json
-        .windows(OPEN.len())
-        .position(|w| w == OPEN)
-        .map_or(0, |p| p + OPEN.len() - 3);
+    let at = json.windows(OPEN.len()).position(|w| w == OPEN).map_or(0, |p| p + OPEN.len() - 3);
     let json = Bytes::from(json);
     Template::new(json.slice(..at), json.slice(at + 3..))
 }
@@ -161,11 +149,7 @@ pub fn request_closed(request_id: RequestId, status: RequestStatus) -> Bytes {
 }
 
 /// `pharmacy_response`, to the customer.
-pub fn pharmacy_response(
-    resp: &PharmacyResponse,
-    recipient: &Recipient,
-    audio_url: Option<&str>,
-) -> Bytes {
+pub fn pharmacy_response(resp: &PharmacyResponse, recipient: &Recipient, audio_url: Option<&str>) -> Bytes {
     #[derive(Serialize)]
     struct Msg<'a> {
         r#type: &'static str,
@@ -200,10 +184,7 @@ pub fn pharmacy_sync(pending: &[RequestId]) -> Bytes {
         r#type: &'static str,
         pending: &'a [RequestId],
     }
-    to_bytes(&Msg {
-        r#type: "sync",
-        pending,
-    })
+    to_bytes(&Msg { r#type: "sync", pending })
 }
 
 /// `sync` for a customer: its PENDING requests and those closed within the last request TTL.
@@ -219,18 +200,8 @@ pub fn customer_sync(pending: &[RequestId], closed: &[(RequestId, RequestStatus)
         pending: &'a [RequestId],
         closed: Vec<Closed>,
     }
-    let closed = closed
-        .iter()
-        .map(|&(request_id, s)| Closed {
-            request_id,
-            status: s.as_str(),
-        })
-        .collect();
-    to_bytes(&Msg {
-        r#type: "sync",
-        pending,
-        closed,
-    })
+    let closed = closed.iter().map(|&(request_id, s)| Closed { request_id, status: s.as_str() }).collect();
+    to_bytes(&Msg { r#type: "sync", pending, closed })
 }
 
 /// `pong`, the answer to a client's `{"type":"ping"}`.
@@ -284,9 +255,7 @@ mod tests {
                 "timestamp": "2026-02-24T10:30:00Z", "medicine_name": "Amoxicillin", "note": null
             })
         );
-        let replay: Value =
-            serde_json::from_slice(&new_request_template(&request(), None, true).render(1.0))
-                .unwrap();
+        let replay: Value = serde_json::from_slice(&new_request_template(&request(), None, true).render(1.0)).unwrap();
         assert_eq!(replay["replay"], json!(true));
         assert_eq!(replay["distance_km"], json!(1.0));
     }

@@ -32,11 +32,7 @@ pub trait Store: Send + Sync + 'static {
     /// Creates an account. A taken email → `Error::Conflict`.
     async fn insert_user(&self, user: NewUser) -> Result<User>;
     /// Creates a PHARMACY account and its pharmacy in one transaction. Taken email → `Conflict`.
-    async fn insert_pharmacy_user(
-        &self,
-        user: NewUser,
-        pharmacy: NewPharmacy,
-    ) -> Result<(User, Pharmacy)>;
+    async fn insert_pharmacy_user(&self, user: NewUser, pharmacy: NewPharmacy) -> Result<(User, Pharmacy)>;
     /// The account with this (lower-case) email.
     async fn user_by_email(&self, email: &str) -> Result<Option<User>>;
     /// The account with this id.
@@ -81,12 +77,7 @@ pub trait Store: Send + Sync + 'static {
     /// the response stored (`Recorded` means this pharmacy won); REJECTED → stored while PENDING.
     async fn record_response(&self, resp: NewResponse) -> Result<ResponseOutcome>;
     /// PENDING → CANCELLED for the owner. Not the owner's or unknown → `NotFound`.
-    async fn cancel_request(
-        &self,
-        id: RequestId,
-        customer_id: UserId,
-        now: UnixMs,
-    ) -> Result<Decision>;
+    async fn cancel_request(&self, id: RequestId, customer_id: UserId, now: UnixMs) -> Result<Decision>;
     /// PENDING → EXPIRED. Unknown → `NotFound`.
     async fn expire_request(&self, id: RequestId, now: UnixMs) -> Result<Decision>;
     /// One request.
