@@ -55,6 +55,12 @@ impl PharmacyIndex {
         PharmacyIndex { inner: RwLock::new(Inner { tree: RTree::bulk_load(entries), cards: by_id }) }
     }
 
+    /// Replaces the whole contents with a bulk-loaded tree (start-up), keeping this handle.
+    pub fn replace_all(&self, cards: Vec<PharmacyCard>) {
+        let fresh = PharmacyIndex::bulk_load(cards).inner.into_inner();
+        *self.inner.write() = fresh;
+    }
+
     /// Adds a pharmacy, or moves and renames one already there.
     pub fn upsert(&self, card: PharmacyCard) {
         let point = card.location.unit_vector();
