@@ -8,10 +8,10 @@
 //! Every method that returns `Ok` for a write has made it durable (for SQLite: committed and
 //! fsynced). Storage failures come back as `Error::Unavailable`.
 
-// mod memory;
+mod memory;
 mod sqlite;
 
-// pub use memory::MemoryStore;
+pub use memory::MemoryStore;
 pub use sqlite::{SqliteStore, StoreOptions, StoreStats};
 
 use crate::error::Result;
