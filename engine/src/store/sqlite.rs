@@ -1262,13 +1262,22 @@ impl Store for SqliteStore {
 
     async fn load_pharmacies(&self) -> Result<Vec<Pharmacy>> {
         self.read("load pharmacies", |c| {
-            c.prepare_cached(concat!(
+            let tx = c.unchecked_transaction()?;
+            // Ids are handed out ascending and never deleted, so the largest id (one B-tree
+            // descent) sizes the vector once instead of re-growing it through a million rows.
+            let max_id: Option<i64> =
+                tx.query_row("SELECT max(id) FROM pharmacies", [], |r| r.get(0))?;
+            let mut all = Vec::with_capacity(max_id.unwrap_or(0).clamp(0, 1 << 24) as usize);
+            let mut s = tx.prepare_cached(concat!(
                 "SELECT ",
                 pharmacy_columns!(""),
                 " FROM pharmacies ORDER BY id"
-            ))?
-            .query_map([], pharmacy_row)?
-            .collect()
+            ))?;
+            let mut rows = s.query([])?;
+            while let Some(row) = rows.next()? {
+                all.push(pharmacy_row(row)?);
+            }
+            Ok(all)
         })
         .await
     }
@@ -1632,5 +1641,129 @@ mod tests {
             store.pharmacy_by_id(pharmacy.id).await,
             Err(Error::Unavailable(_))
         ));
+    }
+}
+
+/// Start-up load times at the design's scale. Slow to set up, so run on demand, in release:
+/// `cargo test --release -p sanjevani-engine --lib -- --ignored --nocapture startup_loads`
+#[cfg(test)]
+mod startup_tests {
+    use super::*;
+
+    const PHARMACIES: i64 = 1_000_000;
+    const LIVE: i64 = 10_000;
+    const CLOSED_LONG_AGO: i64 = 50_000;
+    const PER_REQUEST: i64 = 50;
+
+    /// Fills the file directly: going through the queue would time the writer, not the loads.
+    fn fill(path: &Path) {
+        let mut conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "synchronous", "OFF").unwrap();
+        let tx = conn.transaction().unwrap();
+        {
+            let mut user = tx
+                .prepare(
+                    "INSERT INTO users (id, email, password_hash, name, phone_number, role, \
+                     email_verified, created_at) VALUES (?1, ?2, 'h', 'n', 'p', 'PHARMACY', 0, 0)",
+                )
+                .unwrap();
+            let mut pharmacy = tx
+                .prepare(
+                    "INSERT INTO pharmacies (id, user_id, name, lat, lng, approved, created_at) \
+                     VALUES (?1, ?1, ?2, ?3, ?4, 1, 0)",
+                )
+                .unwrap();
+            for id in 1..=PHARMACIES {
+                user.execute(params![id, format!("p{id}@x.org")]).unwrap();
+                let (lat, lng) = (
+                    27.0 + (id % 1000) as f64 / 1000.0,
+                    85.0 + (id / 1000) as f64 / 1000.0,
+                );
+                pharmacy
+                    .execute(params![id, format!("Pharmacy {id}"), lat, lng])
+                    .unwrap();
+            }
+            let mut request = tx
+                .prepare(
+                    "INSERT INTO requests (id, customer_id, patient_name, patient_phone, lat, lng, \
+                     radius_km, quantity, status, created_at, expires_at, closed_at) \
+                     VALUES (?1, 1, 'n', 'p', 27.5, 85.5, 5, 1, ?2, 0, 0, ?3)",
+                )
+                .unwrap();
+            let mut recipient = tx
+                .prepare(
+                    "INSERT INTO recipients (request_id, pharmacy_id, position, pharmacy_name, \
+                     lat, lng, distance_km) VALUES (?1, ?2, ?3, 'Pharmacy', 27.5, 85.5, ?4)",
+                )
+                .unwrap();
+            // Old closed requests first, then the live ones, as in a real file.
+            for id in 1..=CLOSED_LONG_AGO + LIVE {
+                let (status, closed_at) = if id <= CLOSED_LONG_AGO {
+                    ("EXPIRED", Some(1))
+                } else {
+                    ("PENDING", None)
+                };
+                request.execute(params![id, status, closed_at]).unwrap();
+                for position in 0..PER_REQUEST {
+                    let pharmacy = (id * 7919 + position * 104_729) % PHARMACIES + 1;
+                    recipient
+                        .execute(params![id, pharmacy, position, position as f64 / 10.0])
+                        .unwrap();
+                }
+            }
+        }
+        tx.commit().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "builds a 1M-pharmacy file; run in release"]
+    async fn startup_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.db");
+        drop(SqliteStore::open(&path, StoreOptions::default()).unwrap());
+        let started = Instant::now();
+        fill(&path);
+        eprintln!("filled in {:?}", started.elapsed());
+
+        let store = SqliteStore::open(&path, StoreOptions::default()).unwrap();
+        let plan = store
+            .read("plan", |c| {
+                let mut s = c.prepare(
+                    "EXPLAIN QUERY PLAN SELECT rc.request_id FROM requests q \
+                     JOIN recipients rc ON rc.request_id = q.id WHERE q.status = 'PENDING' \
+                     UNION ALL SELECT rc.request_id FROM requests q \
+                     JOIN recipients rc ON rc.request_id = q.id WHERE q.closed_at >= ?1",
+                )?;
+                s.query_map([0], |r| r.get::<_, String>(3))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await
+            .unwrap();
+        eprintln!("recipients plan: {plan:#?}");
+
+        // Warm the page cache once, as the design's start-up figure assumes.
+        store.load_pharmacies().await.unwrap();
+        let started = Instant::now();
+        let pharmacies = store.load_pharmacies().await.unwrap();
+        let pharmacies_time = started.elapsed();
+        assert_eq!(pharmacies.len() as i64, PHARMACIES);
+
+        store.load_live_requests(2).await.unwrap();
+        let started = Instant::now();
+        let live = store.load_live_requests(2).await.unwrap();
+        let live_time = started.elapsed();
+        assert_eq!(live.len() as i64, LIVE);
+        assert!(
+            live.iter()
+                .all(|s| s.recipients.len() as i64 == PER_REQUEST)
+        );
+        assert!(live.iter().all(|s| {
+            s.recipients
+                .is_sorted_by(|a, b| a.distance_km <= b.distance_km)
+        }));
+
+        eprintln!("load_pharmacies: {pharmacies_time:?}; load_live_requests: {live_time:?}");
+        assert!(pharmacies_time < Duration::from_secs(1));
+        assert!(live_time < Duration::from_secs(1));
     }
 }
