@@ -8,11 +8,11 @@
 //! Every method that returns `Ok` for a write has made it durable (for SQLite: committed and
 //! fsynced). Storage failures come back as `Error::Unavailable`.
 
-// mod memory;
-// mod sqlite;
+mod memory;
+mod sqlite;
 
-// pub use memory::MemoryStore;
-// pub use sqlite::{SqliteStore, StoreStats};
+pub use memory::MemoryStore;
+pub use sqlite::{SqliteStore, StoreOptions, StoreStats};
 
 use crate::error::Result;
 use crate::model::*;
@@ -91,4 +91,47 @@ pub trait Store: Send + Sync + 'static {
     /// For start-up: every PENDING request, and every request closed at or after
     /// `closed_since`, each with its recipients and who responded.
     async fn load_live_requests(&self, closed_since: UnixMs) -> Result<Vec<RequestSnapshot>>;
+}
+
+// ---- rules both implementations share, so they cannot drift apart ----
+
+/// The form an email is stored and looked up in. Accounts already normalise at the edge; the
+/// store does it again so that no caller can create two accounts that differ only in case.
+pub(crate) fn normalize_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+/// Whether an earlier use of an idempotency key at `first_ms` still binds a create at `now_ms`.
+pub(crate) fn idempotency_binds(first_ms: UnixMs, now_ms: UnixMs) -> bool {
+    now_ms - first_ms <= IDEMPOTENCY_WINDOW_MS
+}
+
+/// Whether an OTP is past its expiry at `now` (at `expires_at` exactly it is already dead).
+pub(crate) fn otp_expired(otp_expires_at: UnixMs, now: UnixMs) -> bool {
+    now >= otp_expires_at
+}
+
+/// Compares two code hashes in time independent of where they differ, so that response timing
+/// tells an attacker nothing about the stored hash.
+pub(crate) fn same_code_hash(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The 409 for a taken email, worded once for both implementations.
+pub(crate) fn email_taken() -> crate::Error {
+    crate::Error::Conflict("An account with this email already exists".into())
+}
+
+/// The 404 for an unknown pharmacy id.
+pub(crate) fn pharmacy_not_found() -> crate::Error {
+    crate::Error::NotFound("Pharmacy not found".into())
+}
+
+/// The 404 for an unknown request id, or one the caller may not see.
+pub(crate) fn request_not_found() -> crate::Error {
+    crate::Error::NotFound("Request not found".into())
 }
