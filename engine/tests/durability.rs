@@ -56,11 +56,7 @@ fn child_writer() {
     let Some(path) = std::env::var_os(CHILD_DB) else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async move {
         let store = Arc::new(SqliteStore::open(path.as_ref(), StoreOptions::default()).unwrap());
         let deadline = Instant::now() + CHILD_LIFETIME;
@@ -71,10 +67,7 @@ fn child_writer() {
                     let mut n = 0;
                     while Instant::now() < deadline {
                         n += 1;
-                        let created = store
-                            .create_request(new_request(writer, n), recipients())
-                            .await
-                            .unwrap();
+                        let created = store.create_request(new_request(writer, n), recipients()).await.unwrap();
                         let Created::New(request) = created else {
                             panic!("no idempotency key was sent, yet {created:?}");
                         };
@@ -132,27 +125,15 @@ fn acknowledged_creates_survive_sigkill() {
     }
     // SAFETY: `kill` only sends a signal to the child we spawned and still own (not yet waited).
     let killed = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
-    assert_eq!(
-        killed,
-        0,
-        "kill failed: {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(killed, 0, "kill failed: {}", std::io::Error::last_os_error());
     let status = child.wait().unwrap();
-    assert!(
-        !status.success(),
-        "the child was killed, not finished: {status}"
-    );
+    assert!(!status.success(), "the child was killed, not finished: {status}");
     // Ids printed before the kill but not yet read are acknowledged too.
     reader.join().unwrap();
     acknowledged.extend(lines.try_iter());
     eprintln!("{} acknowledged ids before SIGKILL", acknowledged.len());
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async move {
         let store = SqliteStore::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(store.pragmas().await.unwrap(), ("wal".to_string(), 2));
@@ -160,11 +141,7 @@ fn acknowledged_creates_survive_sigkill() {
         for id in &acknowledged {
             let request = store.request(*id).await.unwrap();
             assert!(request.is_some(), "acknowledged request {id} is missing");
-            assert_eq!(
-                store.recipients(*id).await.unwrap(),
-                expected,
-                "request {id} lost recipients"
-            );
+            assert_eq!(store.recipients(*id).await.unwrap(), expected, "request {id} lost recipients");
         }
         store.shutdown().await;
     });

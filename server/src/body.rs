@@ -81,14 +81,16 @@ impl Form {
 
     /// A form from `application/x-www-form-urlencoded` bytes (a repeated key keeps the last value).
     pub fn from_urlencoded(bytes: &[u8]) -> Form {
-        let values = form_urlencoded::parse(bytes).map(|(k, v)| (k.into_owned(), Value::String(v.into_owned()))).collect();
+        let values =
+            form_urlencoded::parse(bytes).map(|(k, v)| (k.into_owned(), Value::String(v.into_owned()))).collect();
         Form { values, files: HashMap::new() }
     }
 
     async fn from_multipart(body: Incoming, boundary: String, max_upload: u64) -> Result<Form, Error> {
         let limits = multer::SizeLimit::new().whole_stream(max_upload).per_field(max_upload);
         let stream = body.into_data_stream();
-        let mut multipart = multer::Multipart::with_constraints(stream, boundary, multer::Constraints::new().size_limit(limits));
+        let mut multipart =
+            multer::Multipart::with_constraints(stream, boundary, multer::Constraints::new().size_limit(limits));
         let mut form = Form::default();
         loop {
             let field = match multipart.next_field().await {
@@ -218,9 +220,7 @@ fn too_large() -> Error {
 }
 
 fn unsupported() -> Error {
-    Error::UnsupportedMediaType(
-        "Use application/json, application/x-www-form-urlencoded or multipart/form-data".into(),
-    )
+    Error::UnsupportedMediaType("Use application/json, application/x-www-form-urlencoded or multipart/form-data".into())
 }
 
 fn missing(name: &'static str) -> Error {

@@ -197,7 +197,8 @@ async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, mut stop
             }
         })
     };
-    let conn = http1::Builder::new().keep_alive(true).max_buf_size(64 * 1024).serve_connection(io, service).with_upgrades();
+    let conn =
+        http1::Builder::new().keep_alive(true).max_buf_size(64 * 1024).serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut stopping = false;

@@ -21,7 +21,7 @@ use sanjevani_engine::accounts::{Accounts, AccountsConfig, card};
 use sanjevani_engine::hub::{Close, Hub};
 use sanjevani_engine::index::PharmacyIndex;
 use sanjevani_engine::lifecycle::{Lifecycle, LifecycleConfig};
-use sanjevani_engine::store::{SqliteStore, StoreOptions};
+use sanjevani_engine::store::{SqliteStore, Store, StoreOptions};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,14 +98,8 @@ async fn recover(app: Arc<App>) {
         let approved = cards.len();
         app.index.replace_all(cards);
         let config = LifecycleConfig { request_ttl: app.config.request_ttl };
-        let lifecycle = Lifecycle::start(
-            app.store.clone(),
-            app.hub.clone(),
-            app.index.clone(),
-            app.media.clone(),
-            config,
-        )
-        .await?;
+        let lifecycle =
+            Lifecycle::start(app.store.clone(), app.hub.clone(), app.index.clone(), app.media.clone(), config).await?;
         let pending = lifecycle.stats().pending.load(std::sync::atomic::Ordering::Relaxed);
         app.set_ready(lifecycle);
         tracing::info!(approved, pending, millis = started.elapsed().as_millis() as u64, "ready");

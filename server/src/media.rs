@@ -230,7 +230,10 @@ mod tests {
     async fn signed_urls_verify_and_expire() {
         let dir = tempfile::tempdir().unwrap();
         let media = Media::new(dir.path(), b"secret-secret-secret-secret-1234").unwrap();
-        let key = media.save(MediaKind::Prescription, "image", bytes::Bytes::from_static(b"\x89PNG\r\n\x1a\nx")).await.unwrap();
+        let key = media
+            .save(MediaKind::Prescription, "image", bytes::Bytes::from_static(b"\x89PNG\r\n\x1a\nx"))
+            .await
+            .unwrap();
         let url = media.signed_url("http://h", &key);
         let query = url.split_once('?').unwrap().1;
         assert_eq!(media.open(&key, Some(query)).await.unwrap().1, "image/png");

@@ -53,7 +53,9 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>, ctx: &Ctx) -> Reply {
         ["customer", "register"] => allow!(POST => register_customer(app, req).await),
         ["pharmacy", "register"] => allow!(POST => register_pharmacy(app, req).await),
         ["customer", "profile"] => allow!(GET => customer_profile(app, &req).await),
-        ["pharmacy", "profile"] => allow!(GET => pharmacy_profile(app, &req).await, PATCH => patch_pharmacy(app, req).await),
+        ["pharmacy", "profile"] => {
+            allow!(GET => pharmacy_profile(app, &req).await, PATCH => patch_pharmacy(app, req).await)
+        }
         ["pharmacy", "requests"] => allow!(GET => pharmacy_requests(app, &req, ctx).await),
         ["medicine", "request"] => {
             allow!(POST => create_request(app, req, ctx).await, GET => list_requests(app, &req, ctx).await)
@@ -279,11 +281,8 @@ async fn patch_pharmacy(app: &App, req: Request<Incoming>) -> Reply {
             Some(LatLng::new(lat, lng).map_err(|e| e.on(if LatLng::new(lat, 0.0).is_err() { "lat" } else { "lng" }))?)
         }
     };
-    let patch = PharmacyPatch {
-        name: form.opt_text("pharmacy_name")?,
-        location,
-        phone_number: form.opt_text("phone_number")?,
-    };
+    let patch =
+        PharmacyPatch { name: form.opt_text("pharmacy_name")?, location, phone_number: form.opt_text("phone_number")? };
     let pharmacy = app.accounts.update_pharmacy(pharmacy.id, patch).await?;
     let user = app.accounts.user(pharmacy.user_id).await?.ok_or_else(|| Error::NotFound("Not found".into()))?;
     let mut body = profile_json(&user);
@@ -344,8 +343,8 @@ async fn create_request(app: &App, req: Request<Incoming>, ctx: &Ctx) -> Reply {
     let lifecycle = app.lifecycle()?;
     let form = read_form(app, req).await?;
     let (lat, lng) = (form.number("patient_lat")?, form.number("patient_lng")?);
-    let location =
-        LatLng::new(lat, lng).map_err(|e| e.on(if LatLng::new(lat, 0.0).is_err() { "patient_lat" } else { "patient_lng" }))?;
+    let location = LatLng::new(lat, lng)
+        .map_err(|e| e.on(if LatLng::new(lat, 0.0).is_err() { "patient_lat" } else { "patient_lng" }))?;
     let radius = RadiusKm::new(form.number("radius_km")?).map_err(|e| e.on("radius_km"))?;
     let quantity = form.integer("quantity")?;
     let medicine_name = form.opt_text("medicine_name")?;
@@ -459,16 +458,17 @@ fn listing_json(l: &PharmacyListing) -> Value {
 
 async fn admin_list(app: &App, req: &Request<Incoming>) -> Reply {
     caller(app, req, &[Role::Admin]).await?;
-    let approved = match req.uri().query().and_then(|q| {
-        form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "approved").map(|(_, v)| v.into_owned())
-    }) {
-        None => None,
-        Some(v) => match v.to_ascii_lowercase().as_str() {
-            "true" | "1" => Some(true),
-            "false" | "0" => Some(false),
-            _ => return Err(Error::field("approved", "approved must be true or false")),
-        },
-    };
+    let approved =
+        match req.uri().query().and_then(|q| {
+            form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "approved").map(|(_, v)| v.into_owned())
+        }) {
+            None => None,
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "true" | "1" => Some(true),
+                "false" | "0" => Some(false),
+                _ => return Err(Error::field("approved", "approved must be true or false")),
+            },
+        };
     let list = app.accounts.list_pharmacies(approved).await?;
     let items: Vec<Value> = list.iter().map(listing_json).collect();
     Ok(json(StatusCode::OK, &json!({"count": items.len(), "pharmacies": items})))

@@ -431,4 +431,3 @@ fn encode_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
     }
     out.extend_from_slice(payload);
 }
-

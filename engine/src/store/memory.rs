@@ -5,8 +5,8 @@
 //! durable.
 
 use super::{
-    Store, email_taken, idempotency_binds, normalize_email, otp_expired, pharmacy_not_found,
-    request_not_found, same_code_hash,
+    Store, email_taken, idempotency_binds, normalize_email, otp_expired, pharmacy_not_found, request_not_found,
+    same_code_hash,
 };
 use crate::error::Result;
 use crate::model::*;
@@ -80,13 +80,7 @@ impl State {
         self.pharmacies.get_mut(&id).ok_or_else(pharmacy_not_found)
     }
 
-    fn close(
-        &mut self,
-        id: RequestId,
-        owner: Option<UserId>,
-        to: RequestStatus,
-        now: UnixMs,
-    ) -> Result<Decision> {
+    fn close(&mut self, id: RequestId, owner: Option<UserId>, to: RequestStatus, now: UnixMs) -> Result<Decision> {
         let req = self.requests.get_mut(&id).ok_or_else(request_not_found)?;
         if owner.is_some_and(|owner| owner != req.customer_id) {
             return Err(request_not_found());
@@ -106,11 +100,7 @@ impl Store for MemoryStore {
         self.state.lock().insert_user(user)
     }
 
-    async fn insert_pharmacy_user(
-        &self,
-        user: NewUser,
-        pharmacy: NewPharmacy,
-    ) -> Result<(User, Pharmacy)> {
+    async fn insert_pharmacy_user(&self, user: NewUser, pharmacy: NewPharmacy) -> Result<(User, Pharmacy)> {
         let mut state = self.state.lock();
         let user = state.insert_user(user)?;
         let pharmacy = Pharmacy {
@@ -128,11 +118,7 @@ impl Store for MemoryStore {
 
     async fn user_by_email(&self, email: &str) -> Result<Option<User>> {
         let state = self.state.lock();
-        Ok(state
-            .user_by_email
-            .get(&normalize_email(email))
-            .and_then(|id| state.users.get(id))
-            .cloned())
+        Ok(state.user_by_email.get(&normalize_email(email)).and_then(|id| state.users.get(id)).cloned())
     }
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>> {
@@ -141,11 +127,7 @@ impl Store for MemoryStore {
 
     async fn pharmacy_by_user(&self, user_id: UserId) -> Result<Option<Pharmacy>> {
         let state = self.state.lock();
-        Ok(state
-            .pharmacy_by_user
-            .get(&user_id)
-            .and_then(|id| state.pharmacies.get(id))
-            .cloned())
+        Ok(state.pharmacy_by_user.get(&user_id).and_then(|id| state.pharmacies.get(id)).cloned())
     }
 
     async fn pharmacy_by_id(&self, id: PharmacyId) -> Result<Option<Pharmacy>> {
@@ -201,11 +183,7 @@ impl Store for MemoryStore {
 
     async fn put_otp(&self, otp: OtpRecord) -> Result<()> {
         let email = normalize_email(&otp.email);
-        let otp = OtpRecord {
-            email: email.clone(),
-            attempts: 0,
-            ..otp
-        };
+        let otp = OtpRecord { email: email.clone(), attempts: 0, ..otp };
         self.state.lock().otps.insert(email, otp);
         Ok(())
     }
@@ -226,12 +204,7 @@ impl Store for MemoryStore {
         }
         if same_code_hash(&otp.code_hash, code_hash) {
             state.otps.remove(&email);
-            if let Some(user) = state
-                .user_by_email
-                .get(&email)
-                .copied()
-                .and_then(|id| state.users.get_mut(&id))
-            {
+            if let Some(user) = state.user_by_email.get(&email).copied().and_then(|id| state.users.get_mut(&id)) {
                 user.email_verified = true;
             }
             state.verified_emails.insert(email);
@@ -242,29 +215,21 @@ impl Store for MemoryStore {
             state.otps.remove(&email);
             return Ok(OtpOutcome::Wrong { remaining: 0 });
         }
-        Ok(OtpOutcome::Wrong {
-            remaining: super::OTP_MAX_ATTEMPTS - otp.attempts,
-        })
+        Ok(OtpOutcome::Wrong { remaining: super::OTP_MAX_ATTEMPTS - otp.attempts })
     }
 
     async fn email_verified(&self, email: &str) -> Result<bool> {
         let email = normalize_email(email);
         let state = self.state.lock();
         Ok(state.verified_emails.contains(&email)
-            || state
-                .user_by_email
-                .get(&email)
-                .and_then(|id| state.users.get(id))
-                .is_some_and(|u| u.email_verified))
+            || state.user_by_email.get(&email).and_then(|id| state.users.get(id)).is_some_and(|u| u.email_verified))
     }
 
     async fn create_request(&self, req: NewRequest, recipients: Vec<Recipient>) -> Result<Created> {
         let mut state = self.state.lock();
         if let Some(key) = &req.idempotency_key
-            && let Some(earlier) = state
-                .idempotency
-                .get(&(req.customer_id, key.clone()))
-                .and_then(|id| state.requests.get(id))
+            && let Some(earlier) =
+                state.idempotency.get(&(req.customer_id, key.clone())).and_then(|id| state.requests.get(id))
             && idempotency_binds(earlier.created_at, req.created_at)
         {
             return Ok(Created::Existing(earlier.clone()));
@@ -289,9 +254,7 @@ impl Store for MemoryStore {
             closed_at: None,
         };
         if let Some(key) = &request.idempotency_key {
-            state
-                .idempotency
-                .insert((request.customer_id, key.clone()), request.id);
+            state.idempotency.insert((request.customer_id, key.clone()), request.id);
         }
         state.recipients.insert(request.id, recipients);
         state.requests.insert(request.id, request.clone());
@@ -312,11 +275,7 @@ impl Store for MemoryStore {
             .recipients
             .get(&resp.request_id)
             .is_some_and(|list| list.iter().any(|r| r.pharmacy_id == resp.pharmacy_id));
-        let Some(request) = state
-            .requests
-            .get_mut(&resp.request_id)
-            .filter(|_| notified)
-        else {
+        let Some(request) = state.requests.get_mut(&resp.request_id).filter(|_| notified) else {
             return Ok(ResponseOutcome::NotNotified);
         };
         if request.status != RequestStatus::Pending {
@@ -338,29 +297,16 @@ impl Store for MemoryStore {
             audio: resp.audio,
             responded_at: resp.responded_at,
         };
-        state
-            .responses
-            .entry(resp.request_id)
-            .or_default()
-            .push(response.clone());
+        state.responses.entry(resp.request_id).or_default().push(response.clone());
         Ok(ResponseOutcome::Recorded(response))
     }
 
-    async fn cancel_request(
-        &self,
-        id: RequestId,
-        customer_id: UserId,
-        now: UnixMs,
-    ) -> Result<Decision> {
-        self.state
-            .lock()
-            .close(id, Some(customer_id), RequestStatus::Cancelled, now)
+    async fn cancel_request(&self, id: RequestId, customer_id: UserId, now: UnixMs) -> Result<Decision> {
+        self.state.lock().close(id, Some(customer_id), RequestStatus::Cancelled, now)
     }
 
     async fn expire_request(&self, id: RequestId, now: UnixMs) -> Result<Decision> {
-        self.state
-            .lock()
-            .close(id, None, RequestStatus::Expired, now)
+        self.state.lock().close(id, None, RequestStatus::Expired, now)
     }
 
     async fn request(&self, id: RequestId) -> Result<Option<MedicineRequest>> {
@@ -368,38 +314,20 @@ impl Store for MemoryStore {
     }
 
     async fn requests_of_customer(&self, customer_id: UserId) -> Result<Vec<MedicineRequest>> {
-        let mut list: Vec<MedicineRequest> = self
-            .state
-            .lock()
-            .requests
-            .values()
-            .filter(|r| r.customer_id == customer_id)
-            .cloned()
-            .collect();
+        let mut list: Vec<MedicineRequest> =
+            self.state.lock().requests.values().filter(|r| r.customer_id == customer_id).cloned().collect();
         list.sort_by_key(|r| std::cmp::Reverse((r.created_at, r.id)));
         Ok(list)
     }
 
     async fn responses(&self, request_id: RequestId) -> Result<Vec<PharmacyResponse>> {
-        let mut list = self
-            .state
-            .lock()
-            .responses
-            .get(&request_id)
-            .cloned()
-            .unwrap_or_default();
+        let mut list = self.state.lock().responses.get(&request_id).cloned().unwrap_or_default();
         list.sort_by_key(|r| (r.responded_at, r.id));
         Ok(list)
     }
 
     async fn recipients(&self, request_id: RequestId) -> Result<Vec<Recipient>> {
-        Ok(self
-            .state
-            .lock()
-            .recipients
-            .get(&request_id)
-            .cloned()
-            .unwrap_or_default())
+        Ok(self.state.lock().recipients.get(&request_id).cloned().unwrap_or_default())
     }
 
     async fn load_live_requests(&self, closed_since: UnixMs) -> Result<Vec<RequestSnapshot>> {
@@ -407,10 +335,7 @@ impl Store for MemoryStore {
         Ok(state
             .requests
             .values()
-            .filter(|r| {
-                r.status == RequestStatus::Pending
-                    || r.closed_at.is_some_and(|at| at >= closed_since)
-            })
+            .filter(|r| r.status == RequestStatus::Pending || r.closed_at.is_some_and(|at| at >= closed_since))
             .map(|r| RequestSnapshot {
                 request: r.clone(),
                 recipients: state.recipients.get(&r.id).cloned().unwrap_or_default(),
@@ -418,10 +343,7 @@ impl Store for MemoryStore {
                     .responses
                     .get(&r.id)
                     .map(|list| {
-                        let mut answers: Vec<_> = list
-                            .iter()
-                            .map(|x| (x.pharmacy_id, x.response_type))
-                            .collect();
+                        let mut answers: Vec<_> = list.iter().map(|x| (x.pharmacy_id, x.response_type)).collect();
                         answers.sort_unstable_by_key(|(pharmacy, _)| *pharmacy);
                         answers
                     })

@@ -114,11 +114,7 @@ pub(crate) fn otp_expired(otp_expires_at: UnixMs, now: UnixMs) -> bool {
 /// Compares two code hashes in time independent of where they differ, so that response timing
 /// tells an attacker nothing about the stored hash.
 pub(crate) fn same_code_hash(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The 409 for a taken email, worded once for both implementations.

@@ -19,8 +19,8 @@
 //! transaction, when the store opens.
 
 use super::{
-    Store, email_taken, idempotency_binds, normalize_email, otp_expired, pharmacy_not_found,
-    request_not_found, same_code_hash,
+    Store, email_taken, idempotency_binds, normalize_email, otp_expired, pharmacy_not_found, request_not_found,
+    same_code_hash,
 };
 use crate::error::{Error, Result};
 use crate::geo::LatLng;
@@ -157,11 +157,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions {
-            max_batch: 1024,
-            queue_capacity: 4096,
-            read_connections: 2,
-        }
+        StoreOptions { max_batch: 1024, queue_capacity: 4096, read_connections: 2 }
     }
 }
 
@@ -319,12 +315,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let queue = self
-            .inner
-            .queue
-            .lock()
-            .clone()
-            .ok_or_else(|| Error::store(what, "the store is shut down"))?;
+        let queue = self.inner.queue.lock().clone().ok_or_else(|| Error::store(what, "the store is shut down"))?;
         let (reply_to, reply) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
             let result = command(conn);
@@ -336,14 +327,9 @@ impl SqliteStore {
                 }),
             }
         });
-        queue
-            .send(job)
-            .await
-            .map_err(|_| Error::store(what, "the writer thread has stopped"))?;
+        queue.send(job).await.map_err(|_| Error::store(what, "the writer thread has stopped"))?;
         drop(queue);
-        reply
-            .await
-            .map_err(|_| Error::store(what, "the write was not committed"))?
+        reply.await.map_err(|_| Error::store(what, "the write was not committed"))?
     }
 
     /// Runs a query on a read-only connection on the blocking pool.
@@ -353,10 +339,7 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let pool = Arc::clone(&self.inner.readers);
-        let permit = Arc::clone(&pool.permits)
-            .acquire_owned()
-            .await
-            .map_err(|e| Error::store(what, e))?;
+        let permit = Arc::clone(&pool.permits).acquire_owned().await.map_err(|e| Error::store(what, e))?;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let idle = pool.idle.lock().pop();
@@ -414,10 +397,7 @@ fn open_writer(path: &Path) -> Result<Connection, OpenError> {
 }
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     configure(&conn)?;
     Ok(conn)
 }
@@ -428,10 +408,7 @@ fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
     let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let newest = MIGRATIONS.len() as i64;
     if version > newest {
-        return Err(format!(
-            "the database has schema version {version}; this program knows up to {newest}"
-        )
-        .into());
+        return Err(format!("the database has schema version {version}; this program knows up to {newest}").into());
     }
     for sql in &MIGRATIONS[version.max(0) as usize..] {
         tx.execute_batch(sql)?;
@@ -446,12 +423,7 @@ fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
 
 // ---- the writer thread ----
 
-fn run_writer(
-    conn: Connection,
-    mut jobs: mpsc::Receiver<Job>,
-    max_batch: usize,
-    counters: &Counters,
-) {
+fn run_writer(conn: Connection, mut jobs: mpsc::Receiver<Job>, max_batch: usize, counters: &Counters) {
     let mut batch = Vec::with_capacity(max_batch.min(4096));
     // Ends when every sender is gone and the queue is empty: nothing queued is ever dropped.
     while let Some(first) = jobs.blocking_recv() {
@@ -466,9 +438,7 @@ fn run_writer(
     }
     // Fold the WAL into the main file now, even if read connections are still open, so that a
     // stopped store is one complete file (for backups) and the next start has no log to replay.
-    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-        r.get::<_, i64>(0)
-    }) {
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)) {
         Ok(0) => {}
         Ok(_) => tracing::warn!("final checkpoint incomplete: a reader was still busy"),
         Err(e) => tracing::warn!(%e, "final checkpoint failed"),
@@ -509,9 +479,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Job>, counters: &Counters) {
             counters.commits.fetch_add(1, Ordering::Relaxed);
             counters.writes.fetch_add(size, Ordering::Relaxed);
             counters.last_batch.store(size, Ordering::Relaxed);
-            counters
-                .total_commit_micros
-                .fetch_add(commit_time.as_micros() as u64, Ordering::Relaxed);
+            counters.total_commit_micros.fetch_add(commit_time.as_micros() as u64, Ordering::Relaxed);
             for reply in replies {
                 reply();
             }
@@ -532,11 +500,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Job>, counters: &Counters) {
 // ---- row mapping ----
 
 /// Invalid data in the file becomes a store error, never a panic.
-fn bad_column(
-    idx: usize,
-    ty: Type,
-    cause: impl std::error::Error + Send + Sync + 'static,
-) -> rusqlite::Error {
+fn bad_column(idx: usize, ty: Type, cause: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(idx, ty, Box::new(cause))
 }
 
@@ -558,16 +522,7 @@ fn parsed<T>(
     parse: impl FnOnce(&str) -> Option<T>,
 ) -> rusqlite::Result<T> {
     let text = row.get_ref(idx)?.as_str()?;
-    parse(text).ok_or_else(|| {
-        bad_column(
-            idx,
-            Type::Text,
-            UnknownName {
-                what,
-                value: text.to_owned(),
-            },
-        )
-    })
+    parse(text).ok_or_else(|| bad_column(idx, Type::Text, UnknownName { what, value: text.to_owned() }))
 }
 
 /// `concat!` needs literals, so the column lists that appear inside larger statements are macros.
@@ -593,22 +548,7 @@ fn user_row(row: &Row<'_>) -> rusqlite::Result<User> {
 /// With `$p` a table alias prefix such as `"p."`, or `""`.
 macro_rules! pharmacy_columns {
     ($p:literal) => {
-        concat!(
-            $p,
-            "id, ",
-            $p,
-            "user_id, ",
-            $p,
-            "name, ",
-            $p,
-            "lat, ",
-            $p,
-            "lng, ",
-            $p,
-            "approved, ",
-            $p,
-            "created_at"
-        )
+        concat!($p, "id, ", $p, "user_id, ", $p, "name, ", $p, "lat, ", $p, "lng, ", $p, "approved, ", $p, "created_at")
     };
 }
 
@@ -694,23 +634,15 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 // ---- queries shared by reads and write commands ----
 
 fn pharmacy_by_id(c: &Connection, id: PharmacyId) -> rusqlite::Result<Option<Pharmacy>> {
-    c.prepare_cached(concat!(
-        "SELECT ",
-        pharmacy_columns!(""),
-        " FROM pharmacies WHERE id = ?1"
-    ))?
-    .query_row([id], pharmacy_row)
-    .optional()
+    c.prepare_cached(concat!("SELECT ", pharmacy_columns!(""), " FROM pharmacies WHERE id = ?1"))?
+        .query_row([id], pharmacy_row)
+        .optional()
 }
 
 fn request_by_id(c: &Connection, id: RequestId) -> rusqlite::Result<Option<MedicineRequest>> {
-    c.prepare_cached(concat!(
-        "SELECT ",
-        request_columns!(),
-        " FROM requests WHERE id = ?1"
-    ))?
-    .query_row([id], request_row)
-    .optional()
+    c.prepare_cached(concat!("SELECT ", request_columns!(), " FROM requests WHERE id = ?1"))?
+        .query_row([id], request_row)
+        .optional()
 }
 
 // ---- write commands (run on the writer thread, inside a savepoint) ----
@@ -732,13 +664,7 @@ fn insert_user(c: &Connection, user: NewUser) -> Result<User> {
             user.created_at,
         ])
     })
-    .map_err(|e| {
-        if is_unique_violation(&e) {
-            email_taken()
-        } else {
-            Error::store("insert a user", e)
-        }
-    })?;
+    .map_err(|e| if is_unique_violation(&e) { email_taken() } else { Error::store("insert a user", e) })?;
     Ok(User {
         id: c.last_insert_rowid(),
         email,
@@ -751,11 +677,7 @@ fn insert_user(c: &Connection, user: NewUser) -> Result<User> {
     })
 }
 
-fn insert_pharmacy_user(
-    c: &Connection,
-    user: NewUser,
-    pharmacy: NewPharmacy,
-) -> Result<(User, Pharmacy)> {
+fn insert_pharmacy_user(c: &Connection, user: NewUser, pharmacy: NewPharmacy) -> Result<(User, Pharmacy)> {
     let user = insert_user(c, user)?;
     c.prepare_cached(
         "INSERT INTO pharmacies (user_id, name, lat, lng, approved, created_at) \
@@ -790,12 +712,7 @@ fn update_pharmacy(c: &Connection, id: PharmacyId, patch: PharmacyPatch) -> Resu
              lng = COALESCE(?4, lng) WHERE id = ?1",
         )
         .and_then(|mut s| {
-            s.execute(params![
-                id,
-                patch.name,
-                patch.location.map(LatLng::lat),
-                patch.location.map(LatLng::lng),
-            ])
+            s.execute(params![id, patch.name, patch.location.map(LatLng::lat), patch.location.map(LatLng::lng),])
         })
         .map_err(|e| Error::store("update a pharmacy", e))?;
     if changed == 0 {
@@ -809,9 +726,7 @@ fn update_pharmacy(c: &Connection, id: PharmacyId, patch: PharmacyPatch) -> Resu
         .and_then(|mut s| s.execute(params![id, phone]))
         .map_err(|e| Error::store("update a pharmacy's phone", e))?;
     }
-    pharmacy_by_id(c, id)
-        .map_err(|e| Error::store("read a pharmacy", e))?
-        .ok_or_else(pharmacy_not_found)
+    pharmacy_by_id(c, id).map_err(|e| Error::store("read a pharmacy", e))?.ok_or_else(pharmacy_not_found)
 }
 
 fn set_pharmacy_approved(c: &Connection, id: PharmacyId, approved: bool) -> Result<Pharmacy> {
@@ -822,9 +737,7 @@ fn set_pharmacy_approved(c: &Connection, id: PharmacyId, approved: bool) -> Resu
     if changed == 0 {
         return Err(pharmacy_not_found());
     }
-    pharmacy_by_id(c, id)
-        .map_err(|e| Error::store("read a pharmacy", e))?
-        .ok_or_else(pharmacy_not_found)
+    pharmacy_by_id(c, id).map_err(|e| Error::store("read a pharmacy", e))?.ok_or_else(pharmacy_not_found)
 }
 
 fn put_otp(c: &Connection, otp: OtpRecord) -> Result<()> {
@@ -832,14 +745,7 @@ fn put_otp(c: &Connection, otp: OtpRecord) -> Result<()> {
         "INSERT OR REPLACE INTO otps (email, code_hash, created_at, expires_at, attempts) \
          VALUES (?1, ?2, ?3, ?4, 0)",
     )
-    .and_then(|mut s| {
-        s.execute(params![
-            normalize_email(&otp.email),
-            otp.code_hash,
-            otp.created_at,
-            otp.expires_at,
-        ])
-    })
+    .and_then(|mut s| s.execute(params![normalize_email(&otp.email), otp.code_hash, otp.created_at, otp.expires_at,]))
     .map_err(|e| Error::store("store an OTP", e))?;
     Ok(())
 }
@@ -848,30 +754,22 @@ fn check_otp(c: &Connection, email: &str, code_hash: &str, now: UnixMs) -> Resul
     let fail = |e| Error::store("check an OTP", e);
     let stored: Option<(String, UnixMs, u32)> = c
         .prepare_cached("SELECT code_hash, expires_at, attempts FROM otps WHERE email = ?1")
-        .and_then(|mut s| {
-            s.query_row([email], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()
-        })
+        .and_then(|mut s| s.query_row([email], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
         .map_err(fail)?;
     let Some((stored_hash, expires_at, attempts)) = stored else {
         return Ok(OtpOutcome::NoCode);
     };
-    let delete = || {
-        c.prepare_cached("DELETE FROM otps WHERE email = ?1")
-            .and_then(|mut s| s.execute([email]))
-            .map_err(fail)
-    };
+    let delete =
+        || c.prepare_cached("DELETE FROM otps WHERE email = ?1").and_then(|mut s| s.execute([email])).map_err(fail);
     if otp_expired(expires_at, now) {
         delete()?;
         return Ok(OtpOutcome::NoCode);
     }
     if same_code_hash(&stored_hash, code_hash) {
         delete()?;
-        c.prepare_cached(
-            "INSERT OR IGNORE INTO verified_emails (email, verified_at) VALUES (?1, ?2)",
-        )
-        .and_then(|mut s| s.execute(params![email, now]))
-        .map_err(fail)?;
+        c.prepare_cached("INSERT OR IGNORE INTO verified_emails (email, verified_at) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute(params![email, now]))
+            .map_err(fail)?;
         c.prepare_cached("UPDATE users SET email_verified = 1 WHERE email = ?1")
             .and_then(|mut s| s.execute([email]))
             .map_err(fail)?;
@@ -885,9 +783,7 @@ fn check_otp(c: &Connection, email: &str, code_hash: &str, now: UnixMs) -> Resul
     c.prepare_cached("UPDATE otps SET attempts = ?2 WHERE email = ?1")
         .and_then(|mut s| s.execute(params![email, attempts]))
         .map_err(fail)?;
-    Ok(OtpOutcome::Wrong {
-        remaining: super::OTP_MAX_ATTEMPTS - attempts,
-    })
+    Ok(OtpOutcome::Wrong { remaining: super::OTP_MAX_ATTEMPTS - attempts })
 }
 
 fn create_request(c: &Connection, req: NewRequest, recipients: Vec<Recipient>) -> Result<Created> {
@@ -900,10 +796,7 @@ fn create_request(c: &Connection, req: NewRequest, recipients: Vec<Recipient>) -
                 " FROM requests WHERE customer_id = ?1 AND idempotency_key = ?2 \
                  ORDER BY created_at DESC, id DESC LIMIT 1"
             ))
-            .and_then(|mut s| {
-                s.query_row(params![req.customer_id, key], request_row)
-                    .optional()
-            })
+            .and_then(|mut s| s.query_row(params![req.customer_id, key], request_row).optional())
             .map_err(fail)?;
         if let Some(earlier) = earlier
             && idempotency_binds(earlier.created_at, req.created_at)
@@ -975,14 +868,9 @@ fn create_request(c: &Connection, req: NewRequest, recipients: Vec<Recipient>) -
     }))
 }
 
-fn request_status(
-    c: &Connection,
-    id: RequestId,
-) -> rusqlite::Result<Option<(UserId, RequestStatus)>> {
+fn request_status(c: &Connection, id: RequestId) -> rusqlite::Result<Option<(UserId, RequestStatus)>> {
     c.prepare_cached("SELECT customer_id, status FROM requests WHERE id = ?1")?
-        .query_row([id], |r| {
-            Ok((r.get(0)?, parsed(r, 1, "status", RequestStatus::parse)?))
-        })
+        .query_row([id], |r| Ok((r.get(0)?, parsed(r, 1, "status", RequestStatus::parse)?)))
         .optional()
 }
 
@@ -994,10 +882,7 @@ fn record_response(c: &Connection, resp: NewResponse) -> Result<ResponseOutcome>
             response_columns!(),
             " FROM responses WHERE request_id = ?1 AND pharmacy_id = ?2"
         ))
-        .and_then(|mut s| {
-            s.query_row(params![resp.request_id, resp.pharmacy_id], response_row)
-                .optional()
-        })
+        .and_then(|mut s| s.query_row(params![resp.request_id, resp.pharmacy_id], response_row).optional())
         .map_err(fail)?;
     if let Some(earlier) = earlier {
         return Ok(ResponseOutcome::Repeat(earlier));
@@ -1024,12 +909,7 @@ fn record_response(c: &Connection, resp: NewResponse) -> Result<ResponseOutcome>
                  closed_at = ?4 WHERE id = ?1 AND status = 'PENDING'",
             )
             .and_then(|mut s| {
-                s.execute(params![
-                    resp.request_id,
-                    resp.pharmacy_id,
-                    resp.pharmacy_name,
-                    resp.responded_at,
-                ])
+                s.execute(params![resp.request_id, resp.pharmacy_id, resp.pharmacy_name, resp.responded_at,])
             })
             .map_err(fail)?;
         if won == 0 {
@@ -1080,24 +960,15 @@ fn close_request(
         return Err(request_not_found());
     }
     let won = c
-        .prepare_cached(
-            "UPDATE requests SET status = ?2, closed_at = ?3 WHERE id = ?1 AND status = 'PENDING'",
-        )
+        .prepare_cached("UPDATE requests SET status = ?2, closed_at = ?3 WHERE id = ?1 AND status = 'PENDING'")
         .and_then(|mut s| s.execute(params![id, to.as_str(), now]))
         .map_err(fail)?;
-    Ok(if won == 1 {
-        Decision::Won
-    } else {
-        Decision::Lost(status)
-    })
+    Ok(if won == 1 { Decision::Won } else { Decision::Lost(status) })
 }
 
 // ---- reads (read-only connections) ----
 
-fn list_pharmacies(
-    c: &Connection,
-    approved: Option<bool>,
-) -> rusqlite::Result<Vec<PharmacyListing>> {
+fn list_pharmacies(c: &Connection, approved: Option<bool>) -> rusqlite::Result<Vec<PharmacyListing>> {
     let mut s = c.prepare_cached(concat!(
         "SELECT ",
         pharmacy_columns!("p."),
@@ -1115,10 +986,7 @@ fn list_pharmacies(
     rows.collect()
 }
 
-fn load_live_requests(
-    c: &Connection,
-    closed_since: UnixMs,
-) -> rusqlite::Result<Vec<RequestSnapshot>> {
+fn load_live_requests(c: &Connection, closed_since: UnixMs) -> rusqlite::Result<Vec<RequestSnapshot>> {
     // One snapshot of the file for all three statements.
     let tx = c.unchecked_transaction()?;
     // `closed_at` is set exactly when a request leaves PENDING, so the two halves are disjoint.
@@ -1131,19 +999,11 @@ fn load_live_requests(
             " FROM requests WHERE closed_at >= ?1"
         ))?
         .query_map([closed_since], |r| {
-            Ok(RequestSnapshot {
-                request: request_row(r)?,
-                recipients: Vec::new(),
-                responded: Vec::new(),
-            })
+            Ok(RequestSnapshot { request: request_row(r)?, recipients: Vec::new(), responded: Vec::new() })
         })?
         .collect::<rusqlite::Result<_>>()?;
     snapshots.sort_unstable_by_key(|s| s.request.id);
-    let slot: FxHashMap<RequestId, usize> = snapshots
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.request.id, i))
-        .collect();
+    let slot: FxHashMap<RequestId, usize> = snapshots.iter().enumerate().map(|(i, s)| (s.request.id, i)).collect();
 
     // One statement for every live request's recipients, driven by the same two indexes;
     // each request's rows come out in primary-key order and are put nearest-first here.
@@ -1196,81 +1056,55 @@ fn load_live_requests(
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_user(&self, user: NewUser) -> Result<User> {
-        self.write("insert a user", move |c| insert_user(c, user))
-            .await
+        self.write("insert a user", move |c| insert_user(c, user)).await
     }
 
-    async fn insert_pharmacy_user(
-        &self,
-        user: NewUser,
-        pharmacy: NewPharmacy,
-    ) -> Result<(User, Pharmacy)> {
-        self.write("insert a pharmacy account", move |c| {
-            insert_pharmacy_user(c, user, pharmacy)
-        })
-        .await
+    async fn insert_pharmacy_user(&self, user: NewUser, pharmacy: NewPharmacy) -> Result<(User, Pharmacy)> {
+        self.write("insert a pharmacy account", move |c| insert_pharmacy_user(c, user, pharmacy)).await
     }
 
     async fn user_by_email(&self, email: &str) -> Result<Option<User>> {
         let email = normalize_email(email);
         self.read("read a user by email", move |c| {
-            c.prepare_cached(concat!(
-                "SELECT ",
-                user_columns!(),
-                " FROM users WHERE email = ?1"
-            ))?
-            .query_row([email], user_row)
-            .optional()
+            c.prepare_cached(concat!("SELECT ", user_columns!(), " FROM users WHERE email = ?1"))?
+                .query_row([email], user_row)
+                .optional()
         })
         .await
     }
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>> {
         self.read("read a user", move |c| {
-            c.prepare_cached(concat!(
-                "SELECT ",
-                user_columns!(),
-                " FROM users WHERE id = ?1"
-            ))?
-            .query_row([id], user_row)
-            .optional()
+            c.prepare_cached(concat!("SELECT ", user_columns!(), " FROM users WHERE id = ?1"))?
+                .query_row([id], user_row)
+                .optional()
         })
         .await
     }
 
     async fn pharmacy_by_user(&self, user_id: UserId) -> Result<Option<Pharmacy>> {
         self.read("read a user's pharmacy", move |c| {
-            c.prepare_cached(concat!(
-                "SELECT ",
-                pharmacy_columns!(""),
-                " FROM pharmacies WHERE user_id = ?1"
-            ))?
-            .query_row([user_id], pharmacy_row)
-            .optional()
+            c.prepare_cached(concat!("SELECT ", pharmacy_columns!(""), " FROM pharmacies WHERE user_id = ?1"))?
+                .query_row([user_id], pharmacy_row)
+                .optional()
         })
         .await
     }
 
     async fn pharmacy_by_id(&self, id: PharmacyId) -> Result<Option<Pharmacy>> {
-        self.read("read a pharmacy", move |c| pharmacy_by_id(c, id))
-            .await
+        self.read("read a pharmacy", move |c| pharmacy_by_id(c, id)).await
     }
 
     async fn update_pharmacy(&self, id: PharmacyId, patch: PharmacyPatch) -> Result<Pharmacy> {
-        self.write("update a pharmacy", move |c| update_pharmacy(c, id, patch))
-            .await
+        self.write("update a pharmacy", move |c| update_pharmacy(c, id, patch)).await
     }
 
     async fn set_pharmacy_approved(&self, id: PharmacyId, approved: bool) -> Result<Pharmacy> {
-        self.write("approve a pharmacy", move |c| {
-            set_pharmacy_approved(c, id, approved)
-        })
-        .await
+        self.write("approve a pharmacy", move |c| set_pharmacy_approved(c, id, approved)).await
     }
 
     async fn list_pharmacies(&self, approved: Option<bool>) -> Result<Vec<PharmacyListing>> {
-        self.read("list pharmacies", move |c| list_pharmacies(c, approved))
-            .await
+        self.read("list pharmacies", move |c| list_pharmacies(c, approved)).await
     }
 
     async fn load_pharmacies(&self) -> Result<Vec<Pharmacy>> {
@@ -1278,14 +1112,9 @@ impl Store for SqliteStore {
             let tx = c.unchecked_transaction()?;
             // Ids are handed out ascending and never deleted, so the largest id (one B-tree
             // descent) sizes the vector once instead of re-growing it through a million rows.
-            let max_id: Option<i64> =
-                tx.query_row("SELECT max(id) FROM pharmacies", [], |r| r.get(0))?;
+            let max_id: Option<i64> = tx.query_row("SELECT max(id) FROM pharmacies", [], |r| r.get(0))?;
             let mut all = Vec::with_capacity(max_id.unwrap_or(0).clamp(0, 1 << 24) as usize);
-            let mut s = tx.prepare_cached(concat!(
-                "SELECT ",
-                pharmacy_columns!(""),
-                " FROM pharmacies ORDER BY id"
-            ))?;
+            let mut s = tx.prepare_cached(concat!("SELECT ", pharmacy_columns!(""), " FROM pharmacies ORDER BY id"))?;
             let mut rows = s.query([])?;
             while let Some(row) = rows.next()? {
                 all.push(pharmacy_row(row)?);
@@ -1323,10 +1152,7 @@ impl Store for SqliteStore {
     async fn check_otp(&self, email: &str, code_hash: &str, now: UnixMs) -> Result<OtpOutcome> {
         let email = normalize_email(email);
         let code_hash = code_hash.to_owned();
-        self.write("check an OTP", move |c| {
-            check_otp(c, &email, &code_hash, now)
-        })
-        .await
+        self.write("check an OTP", move |c| check_otp(c, &email, &code_hash, now)).await
     }
 
     async fn email_verified(&self, email: &str) -> Result<bool> {
@@ -1342,39 +1168,24 @@ impl Store for SqliteStore {
     }
 
     async fn create_request(&self, req: NewRequest, recipients: Vec<Recipient>) -> Result<Created> {
-        self.write("create a request", move |c| {
-            create_request(c, req, recipients)
-        })
-        .await
+        self.write("create a request", move |c| create_request(c, req, recipients)).await
     }
 
     async fn record_response(&self, resp: NewResponse) -> Result<ResponseOutcome> {
-        self.write("record a response", move |c| record_response(c, resp))
-            .await
+        self.write("record a response", move |c| record_response(c, resp)).await
     }
 
-    async fn cancel_request(
-        &self,
-        id: RequestId,
-        customer_id: UserId,
-        now: UnixMs,
-    ) -> Result<Decision> {
-        self.write("cancel a request", move |c| {
-            close_request(c, id, Some(customer_id), RequestStatus::Cancelled, now)
-        })
-        .await
+    async fn cancel_request(&self, id: RequestId, customer_id: UserId, now: UnixMs) -> Result<Decision> {
+        self.write("cancel a request", move |c| close_request(c, id, Some(customer_id), RequestStatus::Cancelled, now))
+            .await
     }
 
     async fn expire_request(&self, id: RequestId, now: UnixMs) -> Result<Decision> {
-        self.write("expire a request", move |c| {
-            close_request(c, id, None, RequestStatus::Expired, now)
-        })
-        .await
+        self.write("expire a request", move |c| close_request(c, id, None, RequestStatus::Expired, now)).await
     }
 
     async fn request(&self, id: RequestId) -> Result<Option<MedicineRequest>> {
-        self.read("read a request", move |c| request_by_id(c, id))
-            .await
+        self.read("read a request", move |c| request_by_id(c, id)).await
     }
 
     async fn requests_of_customer(&self, customer_id: UserId) -> Result<Vec<MedicineRequest>> {
@@ -1416,10 +1227,7 @@ impl Store for SqliteStore {
     }
 
     async fn load_live_requests(&self, closed_since: UnixMs) -> Result<Vec<RequestSnapshot>> {
-        self.read("load live requests", move |c| {
-            load_live_requests(c, closed_since)
-        })
-        .await
+        self.read("load live requests", move |c| load_live_requests(c, closed_since)).await
     }
 }
 
@@ -1442,15 +1250,12 @@ mod tests {
 
     fn user_version(path: &Path) -> i64 {
         let conn = Connection::open(path).unwrap();
-        conn.pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap()
+        conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap()
     }
 
     /// Holds the writer inside a one-command batch until `release` is sent, so that everything
     /// queued meanwhile is drained into the next batch together.
-    async fn hold_writer(
-        store: &SqliteStore,
-    ) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
+    async fn hold_writer(store: &SqliteStore) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
         let (release, held) = std::sync::mpsc::channel::<()>();
         let running = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn({
@@ -1511,10 +1316,7 @@ mod tests {
         let clone = store.clone();
         let user = clone.insert_user(new_user("a@x.org")).await.unwrap();
         drop(clone);
-        assert!(
-            store.user_by_id(user.id).await.unwrap().is_some(),
-            "one clone is not the last"
-        );
+        assert!(store.user_by_id(user.id).await.unwrap().is_some(), "one clone is not the last");
         drop(store);
         // Only a connection that closed last and cleanly removes the WAL: the thread has ended.
         assert!(!dir.path().join("s.db-wal").exists());
@@ -1527,13 +1329,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         drop(SqliteStore::open(&path, StoreOptions::default()).unwrap());
-        Connection::open(&path)
-            .unwrap()
-            .pragma_update(None, "user_version", 99)
-            .unwrap();
-        let err = SqliteStore::open(&path, StoreOptions::default())
-            .err()
-            .unwrap();
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let err = SqliteStore::open(&path, StoreOptions::default()).err().unwrap();
         assert_eq!(err.status(), 503);
     }
 
@@ -1602,22 +1399,13 @@ mod tests {
         release.send(()).unwrap();
         holder.await.unwrap();
 
-        assert!(matches!(
-            innocent.await.unwrap(),
-            Err(Error::Unavailable(_))
-        ));
+        assert!(matches!(innocent.await.unwrap(), Err(Error::Unavailable(_))));
         assert!(matches!(culprit.await.unwrap(), Err(Error::Unavailable(_))));
         assert_eq!(store.stats().failed_batches, 1);
         assert_eq!(store.user_by_email("innocent@x.org").await.unwrap(), None);
         // The writer carries on with the next batch.
         store.insert_user(new_user("innocent@x.org")).await.unwrap();
-        assert!(
-            store
-                .user_by_email("innocent@x.org")
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(store.user_by_email("innocent@x.org").await.unwrap().is_some());
     }
 
     #[tokio::test]
@@ -1630,10 +1418,7 @@ mod tests {
         store.shutdown().await;
         let wal = std::fs::metadata(dir.path().join("s.db-wal")).map_or(0, |m| m.len());
         assert_eq!(wal, 0, "the log was folded into the main file");
-        assert!(matches!(
-            store.insert_user(new_user("b@x.org")).await,
-            Err(Error::Unavailable(_))
-        ));
+        assert!(matches!(store.insert_user(new_user("b@x.org")).await, Err(Error::Unavailable(_))));
         assert_eq!(store.user_by_id(user.id).await.unwrap(), Some(user));
     }
 
@@ -1644,37 +1429,21 @@ mod tests {
         let store = SqliteStore::open(&path, StoreOptions::default()).unwrap();
         let (_, pharmacy) = store
             .insert_pharmacy_user(
-                NewUser {
-                    role: Role::Pharmacy,
-                    ..new_user("p@x.org")
-                },
-                NewPharmacy {
-                    name: "P".into(),
-                    location: LatLng::new(1.0, 2.0).unwrap(),
-                    approved: true,
-                },
+                NewUser { role: Role::Pharmacy, ..new_user("p@x.org") },
+                NewPharmacy { name: "P".into(), location: LatLng::new(1.0, 2.0).unwrap(), approved: true },
             )
             .await
             .unwrap();
         store
             .write("corrupt", move |c| {
                 // The schema has no CHECK on coordinates: the type `LatLng` is the check.
-                c.execute(
-                    "UPDATE pharmacies SET lat = 123 WHERE id = ?1",
-                    [pharmacy.id],
-                )
-                .map_err(|e| Error::store("test", e))
+                c.execute("UPDATE pharmacies SET lat = 123 WHERE id = ?1", [pharmacy.id])
+                    .map_err(|e| Error::store("test", e))
             })
             .await
             .unwrap();
-        assert!(matches!(
-            store.load_pharmacies().await,
-            Err(Error::Unavailable(_))
-        ));
-        assert!(matches!(
-            store.pharmacy_by_id(pharmacy.id).await,
-            Err(Error::Unavailable(_))
-        ));
+        assert!(matches!(store.load_pharmacies().await, Err(Error::Unavailable(_))));
+        assert!(matches!(store.pharmacy_by_id(pharmacy.id).await, Err(Error::Unavailable(_))));
     }
 }
 
@@ -1709,13 +1478,8 @@ mod startup_tests {
                 .unwrap();
             for id in 1..=PHARMACIES {
                 user.execute(params![id, format!("p{id}@x.org")]).unwrap();
-                let (lat, lng) = (
-                    27.0 + (id % 1000) as f64 / 1000.0,
-                    85.0 + (id / 1000) as f64 / 1000.0,
-                );
-                pharmacy
-                    .execute(params![id, format!("Pharmacy {id}"), lat, lng])
-                    .unwrap();
+                let (lat, lng) = (27.0 + (id % 1000) as f64 / 1000.0, 85.0 + (id / 1000) as f64 / 1000.0);
+                pharmacy.execute(params![id, format!("Pharmacy {id}"), lat, lng]).unwrap();
             }
             let mut request = tx
                 .prepare(
@@ -1732,17 +1496,11 @@ mod startup_tests {
                 .unwrap();
             // Old closed requests first, then the live ones, as in a real file.
             for id in 1..=CLOSED_LONG_AGO + LIVE {
-                let (status, closed_at) = if id <= CLOSED_LONG_AGO {
-                    ("EXPIRED", Some(1))
-                } else {
-                    ("PENDING", None)
-                };
+                let (status, closed_at) = if id <= CLOSED_LONG_AGO { ("EXPIRED", Some(1)) } else { ("PENDING", None) };
                 request.execute(params![id, status, closed_at]).unwrap();
                 for position in 0..PER_REQUEST {
                     let pharmacy = (id * 7919 + position * 104_729) % PHARMACIES + 1;
-                    recipient
-                        .execute(params![id, pharmacy, position, position as f64 / 10.0])
-                        .unwrap();
+                    recipient.execute(params![id, pharmacy, position, position as f64 / 10.0]).unwrap();
                 }
             }
         }
@@ -1768,8 +1526,7 @@ mod startup_tests {
                      UNION ALL SELECT rc.request_id FROM requests q \
                      JOIN recipients rc ON rc.request_id = q.id WHERE q.closed_at >= ?1",
                 )?;
-                s.query_map([0], |r| r.get::<_, String>(3))?
-                    .collect::<rusqlite::Result<Vec<_>>>()
+                s.query_map([0], |r| r.get::<_, String>(3))?.collect::<rusqlite::Result<Vec<_>>>()
             })
             .await
             .unwrap();
@@ -1787,14 +1544,8 @@ mod startup_tests {
         let live = store.load_live_requests(2).await.unwrap();
         let live_time = started.elapsed();
         assert_eq!(live.len() as i64, LIVE);
-        assert!(
-            live.iter()
-                .all(|s| s.recipients.len() as i64 == PER_REQUEST)
-        );
-        assert!(live.iter().all(|s| {
-            s.recipients
-                .is_sorted_by(|a, b| a.distance_km <= b.distance_km)
-        }));
+        assert!(live.iter().all(|s| s.recipients.len() as i64 == PER_REQUEST));
+        assert!(live.iter().all(|s| { s.recipients.is_sorted_by(|a, b| a.distance_km <= b.distance_km) }));
 
         eprintln!("load_pharmacies: {pharmacies_time:?}; load_live_requests: {live_time:?}");
         assert!(pharmacies_time < Duration::from_secs(1));
