@@ -4,6 +4,7 @@
 //! port 0 and never race for ports.
 
 pub mod config;
+pub mod mail;
 
 pub use config::Config;
 
