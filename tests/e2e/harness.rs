@@ -166,11 +166,8 @@ impl Call {
 
     /// A form-encoded body.
     pub fn form(mut self, pairs: &[(&str, &str)]) -> Call {
-        let body: String = pairs
-            .iter()
-            .map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v)))
-            .collect::<Vec<_>>()
-            .join("&");
+        let body: String =
+            pairs.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect::<Vec<_>>().join("&");
         self.body = Bytes::from(body);
         self.header("content-type", "application/x-www-form-urlencoded")
     }
@@ -181,7 +178,8 @@ impl Call {
         let mut body = Vec::new();
         for (name, value) in fields {
             body.extend_from_slice(
-                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                    .as_bytes(),
             );
         }
         for (name, filename, bytes) in files {
@@ -294,7 +292,11 @@ impl Ws {
             match frame.opcode {
                 OpCode::Text => return Some(WsEvent::Json(serde_json::from_slice(&frame.payload).expect("JSON text"))),
                 OpCode::Close => {
-                    let code = if frame.payload.len() >= 2 { u16::from_be_bytes([frame.payload[0], frame.payload[1]]) } else { 1005 };
+                    let code = if frame.payload.len() >= 2 {
+                        u16::from_be_bytes([frame.payload[0], frame.payload[1]])
+                    } else {
+                        1005
+                    };
                     return Some(WsEvent::Closed(code));
                 }
                 _ => continue,

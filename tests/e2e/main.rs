@@ -1,5 +1,8 @@
 //! End-to-end tests: one test binary (it links once), each test starting the real server's
-//! `run()` on port 0 and speaking only the public API over real sockets.
+//! `run()` on port 0 and speaking only the public API over real sockets. `smtp_sink` is the local
+//! mail server OTP codes are sent to.
 
 mod harness;
+mod mail;
 mod requests;
+mod smtp_sink;

@@ -37,7 +37,10 @@ async fn broadcast_accept_and_taken() {
     assert_eq!(reply.json["data"]["status"], "PENDING");
     let id = reply.json["request_id"].as_i64().unwrap();
     let msg = ws_a.json().await;
-    assert_eq!((msg["type"].as_str(), msg["request_id"].as_i64(), msg["distance_km"].as_f64()), (Some("new_request"), Some(id), Some(0.8)));
+    assert_eq!(
+        (msg["type"].as_str(), msg["request_id"].as_i64(), msg["distance_km"].as_f64()),
+        (Some("new_request"), Some(id), Some(0.8))
+    );
     assert_eq!(ws_b.json().await["distance_km"], json!(2.2));
     ws_d.silent_for(Duration::from_millis(200)).await;
 
@@ -54,10 +57,18 @@ async fn broadcast_accept_and_taken() {
     assert_eq!(msg["type"], "pharmacy_response");
     assert_eq!(msg["response_type"], "ACCEPTED");
     assert_eq!(msg["distance_km"], json!(2.2));
-    assert_eq!(ws_a.json().await, json!({"type": "request_taken", "request_id": id, "message": "This request has been accepted by another pharmacy"}));
+    assert_eq!(
+        ws_a.json().await,
+        json!({"type": "request_taken", "request_id": id, "message": "This request has been accepted by another pharmacy"})
+    );
     ws_b.silent_for(Duration::from_millis(200)).await;
 
-    let late = server.post("/medicine/response/").bearer(&a).json(json!({"request_id": id, "response_type": "ACCEPTED"})).go().await;
+    let late = server
+        .post("/medicine/response/")
+        .bearer(&a)
+        .json(json!({"request_id": id, "response_type": "ACCEPTED"}))
+        .go()
+        .await;
     assert_eq!(late.status, 400);
     assert_eq!(late.json, json!({"error": "This request has already been assigned to a pharmacy"}));
 }
