@@ -194,16 +194,56 @@ async fn run_socket(app: Arc<App>, stream: tokio::net::TcpStream, read_buf: Byte
     let (control_tx, control_rx) = mpsc::channel::<Control>(64);
     let reader = {
         let (control_tx, last_heard) = (control_tx.clone(), last_heard.clone());
-        let reader = std::io::Cursor::new(read_buf).chain(read_half);
+        let reader = SharedRead(Arc::new(parking_lot::Mutex::new(std::io::Cursor::new(read_buf).chain(read_half))));
         tokio::spawn(read_loop(reader, control_tx, last_heard, started))
     };
     write_loop(&app, write_half, session, control_rx, last_heard, started).await;
-    reader.abort();
+    // Give the reader a moment to see the client's close (or drain what it sent), so the socket is
+    // not closed with unread bytes, which would reset it before the client reads our close frame.
+    let abort = reader.abort_handle();
+    if tokio::time::timeout(CLOSE_GRACE, reader).await.is_err() {
+        abort.abort();
+    }
 }
 
-async fn read_loop(
-    reader: impl tokio::io::AsyncRead + Unpin,
-    control: mpsc::Sender<Control>,
+type ReadSide = tokio::io::Chain<std::io::Cursor<Bytes>, tokio::net::tcp::OwnedReadHalf>;
+
+/// The read side, shared so that the reader can drain it after fastwebsockets gives up on it.
+#[derive(Clone)]
+struct SharedRead(Arc<parking_lot::Mutex<ReadSide>>);
+
+impl tokio::io::AsyncRead for SharedRead {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let mut inner = self.0.lock();
+        std::pin::Pin::new(&mut *inner).poll_read(cx, buf)
+    }
+}
+
+/// Reads and discards until the client closes, for at most the close grace.
+async fn drain(mut reader: SharedRead) {
+    let mut sink = vec![0u8; 16 * 1024];
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Ok(n) = reader.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+async fn read_loop(reader: SharedRead, control: mpsc::Sender<Control>, last_heard: Arc<AtomicU64>, started: Instant) {
+    read_frames(reader.clone(), &control, last_heard, started).await;
+    drain(reader).await;
+}
+
+async fn read_frames(
+    reader: SharedRead,
+    control: &mpsc::Sender<Control>,
     last_heard: Arc<AtomicU64>,
     started: Instant,
 ) {

@@ -6,3 +6,4 @@ mod harness;
 mod mail;
 mod requests;
 mod smtp_sink;
+mod websockets;

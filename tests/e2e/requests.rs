@@ -108,7 +108,10 @@ async fn first_accept_wins_under_20_concurrent_accepts() {
     let winners: Vec<usize> = replies.iter().enumerate().filter(|(_, r)| r.status == 201).map(|(i, _)| i).collect();
     assert_eq!(winners.len(), 1, "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
     for r in replies.iter().filter(|r| r.status != 201) {
-        assert_eq!((r.status, r.json["error"].as_str()), (400, Some("This request has already been assigned to a pharmacy")));
+        assert_eq!(
+            (r.status, r.json["error"].as_str()),
+            (400, Some("This request has already been assigned to a pharmacy"))
+        );
     }
     let winner = &tokens[winners[0]];
     let again = answer(&server, winner, id, "ACCEPTED").await;
@@ -224,7 +227,16 @@ async fn patched_location_is_used_next() {
     let server = Server::start().await;
     let (_, customer) = customer(&server, "patch@example.com").await;
     let (_, p) = pharmacy(&server, "patch-p@example.com", 28.5, 84.0).await;
-    assert_eq!(server.post("/medicine/request/").bearer(&customer).json(json!({"patient_lat": 27.7172, "patient_lng": 85.3240, "radius_km": 5, "quantity": 1})).go().await.json["pharmacies_notified"], 0);
+    assert_eq!(
+        server
+            .post("/medicine/request/")
+            .bearer(&customer)
+            .json(json!({"patient_lat": 27.7172, "patient_lng": 85.3240, "radius_km": 5, "quantity": 1}))
+            .go()
+            .await
+            .json["pharmacies_notified"],
+        0
+    );
     let reply = server
         .request("PATCH", "/pharmacy/profile/")
         .bearer(&p)
@@ -234,7 +246,12 @@ async fn patched_location_is_used_next() {
     assert_eq!(reply.status, 200, "{:?}", reply.json);
     assert_eq!(reply.json["pharmacy"]["name"], "Moved Pharmacy");
     assert_eq!(reply.json["pharmacy"]["lng"], json!(85.325));
-    let created = server.post("/medicine/request/").bearer(&customer).json(json!({"patient_lat": 27.7172, "patient_lng": 85.3240, "radius_km": 5, "quantity": 1})).go().await;
+    let created = server
+        .post("/medicine/request/")
+        .bearer(&customer)
+        .json(json!({"patient_lat": 27.7172, "patient_lng": 85.3240, "radius_km": 5, "quantity": 1}))
+        .go()
+        .await;
     assert_eq!(created.json["pharmacies_notified"], 1);
     let bad = server.request("PATCH", "/pharmacy/profile/").bearer(&p).json(json!({"lat": 95})).go().await;
     assert_eq!((bad.status, bad.json["field"].as_str()), (400, Some("lat")));
@@ -252,7 +269,10 @@ async fn prescription_image_and_signed_urls() {
     let reply = server
         .post("/medicine/request/")
         .bearer(&customer)
-        .multipart(&[("patient_lat", "27.7172"), ("patient_lng", "85.3240"), ("radius_km", "10.0"), ("quantity", "10")], &[("image", "rx.png", png)])
+        .multipart(
+            &[("patient_lat", "27.7172"), ("patient_lng", "85.3240"), ("radius_km", "10.0"), ("quantity", "10")],
+            &[("image", "rx.png", png)],
+        )
         .go()
         .await;
     assert_eq!(reply.status, 201, "{:?}", reply.json);
@@ -273,14 +293,20 @@ async fn prescription_image_and_signed_urls() {
     let gif = server
         .post("/medicine/request/")
         .bearer(&customer)
-        .multipart(&[("patient_lat", "27.7172"), ("patient_lng", "85.3240"), ("radius_km", "10"), ("quantity", "1")], &[("image", "rx.png", b"GIF89a....")])
+        .multipart(
+            &[("patient_lat", "27.7172"), ("patient_lng", "85.3240"), ("radius_km", "10"), ("quantity", "1")],
+            &[("image", "rx.png", b"GIF89a....")],
+        )
         .go()
         .await;
     assert_eq!((gif.status, gif.json["field"].as_str()), (400, Some("image")));
     let audio = server
         .post("/medicine/response/")
         .bearer(&p)
-        .multipart(&[("request_id", &reply.json["request_id"].to_string()), ("response_type", "REJECTED")], &[("audio", "note.ogg", b"OggS\0\x02rest-of-ogg")])
+        .multipart(
+            &[("request_id", &reply.json["request_id"].to_string()), ("response_type", "REJECTED")],
+            &[("audio", "note.ogg", b"OggS\0\x02rest-of-ogg")],
+        )
         .go()
         .await;
     assert_eq!(audio.status, 201, "{:?}", audio.json);
