@@ -2,6 +2,7 @@
 //! `run()` on port 0 and speaking only the public API over real sockets. `smtp_sink` is the local
 //! mail server OTP codes are sent to.
 
+mod accounts;
 mod harness;
 mod mail;
 mod requests;
