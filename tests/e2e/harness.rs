@@ -23,6 +23,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Its data dir (kept so a restart can reuse it).
     pub dir: tempfile::TempDir,
+    /// The Host header requests carry (the first `--allowed-hosts` entry, if any).
+    pub host: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), sanjevani::ServeError>>>,
 }
@@ -46,11 +48,12 @@ impl Server {
         config.bind = addr;
         config.jwt_secret = Some("end-to-end-test-secret-0123456789abcdef".into());
         tweak(&mut config);
+        let host = config.allowed_hosts.first().cloned().unwrap_or_else(|| format!("127.0.0.1:{}", addr.port()));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(sanjevani::run(listener, config, async move {
             let _ = stopped.await;
         }));
-        let server = Server { addr, dir, stop: Some(stop), task: Some(task) };
+        let server = Server { addr, dir, host, stop: Some(stop), task: Some(task) };
         for _ in 0..500 {
             if let Ok(r) = server.get("/health").send().await {
                 if r.status == 200 {
@@ -85,7 +88,7 @@ impl Server {
             addr: self.addr,
             method: method.into(),
             path: path.into(),
-            headers: vec![("host".into(), format!("127.0.0.1:{}", self.addr.port()))],
+            headers: vec![("host".into(), self.host.clone())],
             body: Bytes::new(),
         }
     }
