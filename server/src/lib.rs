@@ -69,7 +69,7 @@ pub async fn run(
     let media = Arc::new(media::Media::new(&data_dir.media_dir(), secret.as_bytes())?);
     let mail = mail::Mailer::start(&config).map_err(|e| ServeError::Config(e.to_string()))?;
     let jwt = auth::Jwt::new(secret.as_bytes(), config.access_ttl, config.refresh_ttl);
-    let max_connections = config.max_connections.unwrap_or(1024);
+    let max_connections = config.max_connections.unwrap_or_else(default_max_connections);
     let local = listener.local_addr()?;
     let app = Arc::new(App::new(config, store.clone(), hub.clone(), index.clone(), accounts, jwt, mail, media));
 
@@ -86,7 +86,17 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     store.shutdown().await;
+    app.mail.flush(Duration::from_secs(2)).await;
     Ok(())
+}
+
+/// `--max-connections` default: the process's open-file limit minus 256 (for the database,
+/// logs and the listener), at least 16.
+pub fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own and has no other effect.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur } else { 1024 };
+    (soft.min(1 << 20) as usize).saturating_sub(256).max(16)
 }
 
 /// Loads the index and open requests, then marks the server ready.
