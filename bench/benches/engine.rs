@@ -15,9 +15,7 @@
 //! the whole `cargo bench` stays well under ten on a 2-core machine once those are added.
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
-use sanjevani_bench::{
-    CENTRES_SEED, CITY_SEED, NewRequestFixture, cards, city, query_centres, recipients,
-};
+use sanjevani_bench::{CENTRES_SEED, CITY_SEED, NewRequestFixture, cards, city, query_centres, recipients};
 use sanjevani_engine::hub::{Audience, Fanout, Hub, Outbound};
 use sanjevani_engine::index::{PharmacyIndex, linear_scan};
 use std::cell::OnceCell;
@@ -85,15 +83,10 @@ fn radius_query(c: &mut Criterion) {
 fn fanout(c: &mut Criterion) {
     let request = NewRequestFixture::default();
     let mut group = c.benchmark_group("fanout");
-    group
-        .sample_size(50)
-        .warm_up_time(Duration::from_millis(1000))
-        .measurement_time(Duration::from_secs(3));
+    group.sample_size(50).warm_up_time(Duration::from_millis(1000)).measurement_time(Duration::from_secs(3));
     for k in RECEIVERS {
         let hub = Hub::new(QUEUE_CAPACITY);
-        let connections: Vec<_> = (0..k)
-            .map(|i| hub.subscribe(Audience::Pharmacy(i as i64)))
-            .collect();
+        let connections: Vec<_> = (0..k).map(|i| hub.subscribe(Audience::Pharmacy(i as i64))).collect();
         let to = recipients(k, RECIPIENTS_SEED);
         group.bench_with_input(BenchmarkId::new("hub", k), &to, |b, to| {
             let mut batch: Vec<Outbound> = Vec::with_capacity(4);

@@ -88,10 +88,7 @@ pub fn recipients(k: usize, seed: u64) -> Vec<(Audience, f64)> {
     let mut to: Vec<(Audience, f64)> = (0..k)
         .map(|i| {
             let km: f64 = rng.random_range(0.0..10.0);
-            (
-                Audience::Pharmacy(i as PharmacyId),
-                (km * 100.0).round() / 100.0,
-            )
+            (Audience::Pharmacy(i as PharmacyId), (km * 100.0).round() / 100.0)
         })
         .collect();
     to.sort_by(|a, b| a.1.total_cmp(&b.1));

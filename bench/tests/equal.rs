@@ -27,11 +27,7 @@ fn rtree_and_linear_scan_agree_on_the_bench_city() {
             let d = haversine_raw_km(centre.lat(), centre.lng(), lat, lng);
             (d - RADIUS_KM).abs() > EDGE_KM
         };
-        let tree: Vec<_> = index
-            .within(*centre, RADIUS_KM)
-            .into_iter()
-            .filter(away_from_edge)
-            .collect();
+        let tree: Vec<_> = index.within(*centre, RADIUS_KM).into_iter().filter(away_from_edge).collect();
         let all = linear_scan(&points, *centre, RADIUS_KM);
         let total = all.len();
         let scan: Vec<_> = all.into_iter().filter(away_from_edge).collect();

@@ -62,11 +62,9 @@ impl Template {
     /// Writes the message with `number` in place, formatted as JSON (shortest round-trip form,
     /// `.0` kept on whole numbers, as serde_json writes an `f64`).
     pub fn write_to(&self, number: f64, out: &mut Vec<u8>) {
-        let mut buf = ryu::Buffer::new();
-        let text = if number.is_finite() { buf.format_finite(number) } else { "null" };
-        out.reserve(self.prefix.len() + text.len() + self.suffix.len());
+        out.reserve(self.prefix.len() + 24 + self.suffix.len());
         out.extend_from_slice(&self.prefix);
-        out.extend_from_slice(text.as_bytes());
+        write_json_number(number, out);
         out.extend_from_slice(&self.suffix);
     }
 
@@ -76,6 +74,42 @@ impl Template {
         self.write_to(number, &mut out);
         out
     }
+}
+
+/// Writes `number` as serde_json writes an `f64`. Distances are rounded to hundredths for
+/// display, and the shortest round-trip form of such a number is its two-decimal form without a
+/// trailing zero (`.0` kept): those are written from integer hundredths, several times faster
+/// than the general shortest-form algorithm (profiled at a third of a fan-out), which everything
+/// else still goes through.
+fn write_json_number(number: f64, out: &mut Vec<u8>) {
+    if !number.is_finite() {
+        out.extend_from_slice(b"null");
+        return;
+    }
+    let hundredths = (number * 100.0).round();
+    if number.is_sign_positive() && hundredths < 1e15 && hundredths / 100.0 == number {
+        let hundredths = hundredths as u64;
+        let (whole, frac) = (hundredths / 100, hundredths % 100);
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut rest = whole;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&digits[at..]);
+        out.push(b'.');
+        out.push(b'0' + (frac / 10) as u8);
+        if frac % 10 != 0 {
+            out.push(b'0' + (frac % 10) as u8);
+        }
+        return;
+    }
+    out.extend_from_slice(ryu::Buffer::new().format_finite(number).as_bytes());
 }
 
 /// One queued outbound message.
@@ -382,6 +416,29 @@ mod tests {
 
     fn text(msg: &Outbound) -> String {
         String::from_utf8(msg.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn fast_number_form_matches_ryu() {
+        let mut rng_state = 0x9e3779b97f4a7c15u64;
+        let mut check = |x: f64| {
+            let mut fast = Vec::new();
+            write_json_number(x, &mut fast);
+            let want = if x.is_finite() { ryu::Buffer::new().format_finite(x).to_string() } else { "null".into() };
+            assert_eq!(String::from_utf8(fast).unwrap(), want, "{x:?}");
+        };
+        for x in [0.0, -0.0, 0.01, 0.07, 0.1, 0.8, 1.0, 2.5, 4.2, 14.99, 15.0, 49.99, 50.0, 1e12, 1e15, 1e16, f64::NAN]
+        {
+            check(x);
+        }
+        for _ in 0..200_000 {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            let hundredths = (rng_state % 2_000_000) as f64;
+            check(hundredths / 100.0);
+            check(f64::from_bits(rng_state));
+        }
     }
 
     #[test]

@@ -8,12 +8,26 @@
 use crate::geo::{self, LatLng};
 use crate::model::{PharmacyId, Recipient};
 use parking_lot::RwLock;
-use rstar::RTree;
 use rstar::primitives::GeomWithData;
+use rstar::{ParentNode, RStarInsertionStrategy, RTree, RTreeNode, RTreeParams};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 type Entry = GeomWithData<[f64; 3], PharmacyId>;
+
+/// Nodes of up to 32 children instead of rstar's default 6: a 1 km query over 1M pharmacies
+/// visits a few wide nodes whose children lie together in memory, instead of many narrow ones
+/// (measured: 32.9 → ~21 µs for `radius_query/rtree/1000000`).
+struct IndexParams;
+
+impl RTreeParams for IndexParams {
+    const MIN_SIZE: usize = 12;
+    const MAX_SIZE: usize = 32;
+    const REINSERTION_COUNT: usize = 8;
+    type DefaultInsertionStrategy = RStarInsertionStrategy;
+}
+
+type Tree = RTree<Entry, IndexParams>;
 
 /// What a broadcast needs to know of a pharmacy besides its id.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,7 +41,7 @@ pub struct PharmacyCard {
 }
 
 struct Inner {
-    tree: RTree<Entry>,
+    tree: Tree,
     cards: HashMap<PharmacyId, (PharmacyCard, [f64; 3])>,
 }
 
@@ -52,7 +66,7 @@ impl PharmacyIndex {
             by_id.insert(card.id, (card, point));
         }
         let entries = by_id.values().map(|(card, point)| Entry::new(*point, card.id)).collect();
-        PharmacyIndex { inner: RwLock::new(Inner { tree: RTree::bulk_load(entries), cards: by_id }) }
+        PharmacyIndex { inner: RwLock::new(Inner { tree: RTree::bulk_load_with_params(entries), cards: by_id }) }
     }
 
     /// Replaces the whole contents with a bulk-loaded tree (start-up), keeping this handle.
@@ -129,23 +143,52 @@ impl PharmacyIndex {
     }
 }
 
-fn collect_within(tree: &RTree<Entry>, center: LatLng, radius_km: f64) -> Vec<(PharmacyId, f64)> {
+fn collect_within(tree: &Tree, center: LatLng, radius_km: f64) -> Vec<(PharmacyId, f64)> {
     let query = center.unit_vector();
     let chord = geo::chord_for_km(radius_km);
-    let mut hits: Vec<(PharmacyId, f64)> = tree
-        .locate_within_distance(query, chord * chord)
-        .map(|entry| {
-            let p = entry.geom();
-            let d2 = (p[0] - query[0]).powi(2) + (p[1] - query[1]).powi(2) + (p[2] - query[2]).powi(2);
-            (entry.data, d2)
-        })
-        .collect();
-    // Squared chords sort exactly like great-circle distances; convert after sorting.
-    hits.sort_unstable_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    let mut hits = Vec::new();
+    descend(tree.root(), &query, chord * chord, false, &mut hits);
+    // Squared chords sort exactly like great-circle distances, and non-negative f64s sort like
+    // their bit patterns (cheaper to compare than `total_cmp`); convert after sorting.
+    hits.sort_unstable_by_key(|&(id, d2): &(PharmacyId, f64)| (d2.to_bits(), id));
     for hit in &mut hits {
         hit.1 = geo::km_for_chord_squared(hit.1);
     }
     hits
+}
+
+/// Collects every entry under `node` within squared chord `r2` of `query`, with its squared
+/// chord. Unlike rstar's `locate_within_distance`, leaves are tested where they lie instead of
+/// being pushed on a stack and popped, and a subtree whose box lies wholly inside the sphere
+/// (`inside`) skips the box tests below it. Entries are still tested one by one, so the answer
+/// is exactly rstar's.
+fn descend(node: &ParentNode<Entry>, query: &[f64; 3], r2: f64, inside: bool, hits: &mut Vec<(PharmacyId, f64)>) {
+    for child in node.children() {
+        match child {
+            RTreeNode::Leaf(entry) => {
+                let p = entry.geom();
+                let d2 = (p[0] - query[0]).powi(2) + (p[1] - query[1]).powi(2) + (p[2] - query[2]).powi(2);
+                if d2 <= r2 {
+                    hits.push((entry.data, d2));
+                }
+            }
+            RTreeNode::Parent(parent) if inside => descend(parent, query, r2, true, hits),
+            RTreeNode::Parent(parent) => {
+                let envelope = parent.envelope();
+                let (lower, upper) = (envelope.lower(), envelope.upper());
+                let (mut nearest2, mut farthest2) = (0.0, 0.0);
+                for k in 0..3 {
+                    let gap = (lower[k] - query[k]).max(query[k] - upper[k]).max(0.0);
+                    nearest2 += gap * gap;
+                    let reach = (query[k] - lower[k]).abs().max((upper[k] - query[k]).abs());
+                    farthest2 += reach * reach;
+                }
+                if nearest2 <= r2 {
+                    descend(parent, query, r2, farthest2 <= r2, hits);
+                }
+            }
+        }
+    }
 }
 
 /// The seed's method, kept as the baseline and the test oracle: Haversine over every pharmacy in
