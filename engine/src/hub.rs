@@ -421,7 +421,7 @@ mod tests {
     #[test]
     fn fast_number_form_matches_ryu() {
         let mut rng_state = 0x9e3779b97f4a7c15u64;
-        let mut check = |x: f64| {
+        let check = |x: f64| {
             let mut fast = Vec::new();
             write_json_number(x, &mut fast);
             let want = if x.is_finite() { ryu::Buffer::new().format_finite(x).to_string() } else { "null".into() };
