@@ -330,18 +330,14 @@ fn response_json(app: &App, ctx: &Ctx, r: &PharmacyResponse) -> Value {
 
 async fn create_request(app: &App, req: Request<Incoming>, ctx: &Ctx) -> Reply {
     let customer = caller(app, &req, &[Role::Customer]).await?;
-    let idempotency_key = match req.headers().get("idempotency-key") {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 255)
-                .ok_or_else(|| Error::invalid("Idempotency-Key must be 1 to 255 printable ASCII characters"))?
-                .to_owned(),
-        ),
-    };
+    let idempotency_header = req.headers().get("idempotency-key").map(|v| v.to_str().map(str::to_owned));
     let lifecycle = app.lifecycle()?;
     let form = read_form(app, req).await?;
+    let idempotency_key = match idempotency_header {
+        None => None,
+        Some(Ok(key)) if !key.is_empty() && key.len() <= 255 => Some(key),
+        Some(_) => return Err(Error::invalid("Idempotency-Key must be 1 to 255 printable ASCII characters")),
+    };
     let (lat, lng) = (form.number("patient_lat")?, form.number("patient_lng")?);
     let location = LatLng::new(lat, lng)
         .map_err(|e| e.on(if LatLng::new(lat, 0.0).is_err() { "patient_lat" } else { "patient_lng" }))?;
