@@ -3,6 +3,7 @@
 //! mail server OTP codes are sent to.
 
 mod accounts;
+mod admin;
 mod edges;
 mod harness;
 mod mail;
