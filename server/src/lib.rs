@@ -3,6 +3,7 @@
 //! the engine. `run` serves on an already bound listener until `shutdown` completes, so tests bind
 //! port 0 and never race for ports.
 
+pub mod cli;
 pub mod config;
 
 pub use config::Config;
