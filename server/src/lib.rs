@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod datadir;
 
 pub use config::Config;
 
