@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod datadir;
+pub mod demo;
 
 pub use config::Config;
 
