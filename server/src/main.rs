@@ -103,20 +103,23 @@ fn admin_create(runtime: &Runtime, args: AdminCreateArgs) -> CliResult {
         None => read_password_from_stdin()?,
     };
     let store = open_store(&data_dir.db_path())?;
-    let admin = runtime.block_on(async move {
-        // Accounts derives its OTP key from a secret; creating an admin issues no OTP, so a
-        // throwaway key serves and the data dir's JWT secret is neither read nor created.
-        let otp_secret: [u8; 32] = rand::random();
-        let accounts = Accounts::new(
-            store,
-            Arc::new(PharmacyIndex::default()),
-            Hub::new(1),
-            &otp_secret,
-            AccountsConfig::default(),
-        )?;
-        let registration = Registration { email: args.email, password, name: args.name, phone_number: String::new() };
-        accounts.create_admin(registration).await
-    })?;
+    let admin = runtime
+        .block_on(async move {
+            // Accounts derives its OTP key from a secret; creating an admin issues no OTP, so a
+            // throwaway key serves and the data dir's JWT secret is neither read nor created.
+            let otp_secret: [u8; 32] = rand::random();
+            let accounts = Accounts::new(
+                store,
+                Arc::new(PharmacyIndex::default()),
+                Hub::new(1),
+                &otp_secret,
+                AccountsConfig::default(),
+            )?;
+            let registration =
+                Registration { email: args.email, password, name: args.name, phone_number: String::new() };
+            accounts.create_admin(registration).await
+        })
+        .map_err(|e| format!("cannot create the admin: {e}"))?;
     println!("created ADMIN id {} email {}", admin.id, admin.email);
     drop(data_dir);
     Ok(())
