@@ -6,8 +6,10 @@
 pub mod app;
 pub mod auth;
 pub mod body;
+pub mod cli;
 pub mod config;
 pub mod datadir;
+pub mod demo;
 pub mod http;
 pub mod mail;
 pub mod media;
@@ -51,8 +53,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let data_dir = datadir::DataDir::open(&config.data_dir)
-        .map_err(|e| ServeError::DataDir(format!("{}: {e}", config.data_dir.display())))?;
+    let data_dir = datadir::DataDir::open(&config.data_dir).map_err(|e| ServeError::DataDir(e.to_string()))?;
     let secret = data_dir.jwt_secret(config.jwt_secret.as_deref()).map_err(|e| ServeError::DataDir(e.to_string()))?;
     let store = Arc::new(SqliteStore::open(&data_dir.db_path(), StoreOptions::default())?);
     let hub = Hub::new(config.ws_queue);
@@ -69,11 +70,12 @@ pub async fn run(
     let media = Arc::new(media::Media::new(&data_dir.media_dir(), secret.as_bytes())?);
     let mail = mail::Mailer::start(&config).map_err(|e| ServeError::Config(e.to_string()))?;
     let jwt = auth::Jwt::new(secret.as_bytes(), config.access_ttl, config.refresh_ttl);
-    let max_connections = config.max_connections.unwrap_or_else(default_max_connections);
+    let max_connections =
+        config.max_connections.unwrap_or_else(|| cli::default_max_connections(cli::open_file_limit()));
     let local = listener.local_addr()?;
     let app = Arc::new(App::new(config, store.clone(), hub.clone(), index.clone(), accounts, jwt, mail, media));
 
-    let loader = tokio::spawn(recover(app.clone()));
+    let loader = tokio::spawn(recover(app.clone(), local));
     tracing::info!(%local, max_connections, "listening");
     http::serve(listener, app.clone(), shutdown, max_connections).await;
 
@@ -90,17 +92,8 @@ pub async fn run(
     Ok(())
 }
 
-/// `--max-connections` default: the process's open-file limit minus 256 (for the database,
-/// logs and the listener), at least 16.
-pub fn default_max_connections() -> usize {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into the struct we own and has no other effect.
-    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur } else { 1024 };
-    (soft.min(1 << 20) as usize).saturating_sub(256).max(16)
-}
-
 /// Loads the index and open requests, then marks the server ready.
-async fn recover(app: Arc<App>) {
+async fn recover(app: Arc<App>, local: std::net::SocketAddr) {
     let started = Instant::now();
     let result: Result<(), sanjevani_engine::Error> = async {
         let pharmacies = app.store.load_pharmacies().await?;
@@ -111,6 +104,15 @@ async fn recover(app: Arc<App>) {
         let lifecycle =
             Lifecycle::start(app.store.clone(), app.hub.clone(), app.index.clone(), app.media.clone(), config).await?;
         let pending = lifecycle.stats().pending.load(std::sync::atomic::Ordering::Relaxed);
+        if app.config.demo {
+            match demo::load_demo(&app.accounts).await {
+                Ok(report) => {
+                    let url = demo::console_url(app.config.public_url.as_deref(), local);
+                    demo::print_logins(&report, &url);
+                }
+                Err(error) => tracing::error!(%error, "demo data could not be loaded"),
+            }
+        }
         app.set_ready(lifecycle);
         tracing::info!(approved, pending, millis = started.elapsed().as_millis() as u64, "ready");
         Ok(())

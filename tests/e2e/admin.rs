@@ -33,7 +33,10 @@ async fn seed_scenarios_on_demo_data() {
         server
             .post("/medicine/request/")
             .bearer(&customer)
-            .multipart(&[("patient_lat", "27.7172"), ("patient_lng", "85.3240"), ("radius_km", radius), ("quantity", "10")], &[])
+            .multipart(
+                &[("patient_lat", "27.7172"), ("patient_lng", "85.3240"), ("radius_km", radius), ("quantity", "10")],
+                &[],
+            )
             .go()
     };
     // Scenario 1: 3 km → A and B.
@@ -54,10 +57,23 @@ async fn seed_scenarios_on_demo_data() {
     let mut wrong = server.ws(&format!("/ws/pharmacy/?token={customer}")).await;
     assert_eq!(wrong.close_code().await, 4003);
     // Scenario 4: two pharmacies accept; the second gets 400 with the seed's sentence.
-    let first = server.post("/medicine/response/").bearer(&a).json(json!({"request_id": small_id, "response_type": "ACCEPTED"})).go().await;
+    let first = server
+        .post("/medicine/response/")
+        .bearer(&a)
+        .json(json!({"request_id": small_id, "response_type": "ACCEPTED"}))
+        .go()
+        .await;
     assert_eq!(first.status, 201);
-    let second = server.post("/medicine/response/").bearer(&b).json(json!({"request_id": small_id, "response_type": "ACCEPTED"})).go().await;
-    assert_eq!((second.status, &second.json), (400, &json!({"error": "This request has already been assigned to a pharmacy"})));
+    let second = server
+        .post("/medicine/response/")
+        .bearer(&b)
+        .json(json!({"request_id": small_id, "response_type": "ACCEPTED"}))
+        .go()
+        .await;
+    assert_eq!(
+        (second.status, &second.json),
+        (400, &json!({"error": "This request has already been assigned to a pharmacy"}))
+    );
     // Pharmacy E is waiting for approval: not notified, 4003 on its socket, 403 on the API.
     let e = login(&server, "pharmacy.e@demo.sanjevani.test", "demo-pharmacy-e").await;
     let mut ws_e = server.ws(&format!("/ws/pharmacy/?token={e}")).await;
@@ -98,7 +114,16 @@ async fn manual_approval_and_suspension() {
     let token = login(&server, "new@example.com", "password-123").await;
     let mut ws = server.ws(&format!("/ws/pharmacy/?token={token}")).await;
     assert_eq!(ws.close_code().await, 4003);
-    assert_eq!(server.post("/medicine/response/").bearer(&token).json(json!({"request_id": 1, "response_type": "ACCEPTED"})).go().await.status, 403);
+    assert_eq!(
+        server
+            .post("/medicine/response/")
+            .bearer(&token)
+            .json(json!({"request_id": 1, "response_type": "ACCEPTED"}))
+            .go()
+            .await
+            .status,
+        403
+    );
     let create = || {
         server
             .post("/medicine/request/")
@@ -109,10 +134,13 @@ async fn manual_approval_and_suspension() {
     assert_eq!(create().await.json["pharmacies_notified"], 1, "only A, not the unapproved newcomer");
 
     let pending = server.get("/admin/pharmacies/?approved=false").bearer(&admin).go().await;
-    let ids: Vec<i64> = pending.json["pharmacies"].as_array().unwrap().iter().map(|p| p["id"].as_i64().unwrap()).collect();
+    let ids: Vec<i64> =
+        pending.json["pharmacies"].as_array().unwrap().iter().map(|p| p["id"].as_i64().unwrap()).collect();
     assert!(ids.contains(&id), "{ids:?}");
     let listed = pending.json["pharmacies"].as_array().unwrap().iter().find(|p| p["id"] == json!(id)).unwrap().clone();
-    for key in ["id", "user_id", "email", "name", "pharmacy_name", "phone_number", "lat", "lng", "approved", "created_at"] {
+    for key in
+        ["id", "user_id", "email", "name", "pharmacy_name", "phone_number", "lat", "lng", "approved", "created_at"]
+    {
         assert!(listed.get(key).is_some(), "{key}");
     }
     assert_eq!(server.get("/admin/pharmacies/").bearer(&customer).go().await.status, 403);
