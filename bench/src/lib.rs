@@ -6,14 +6,18 @@
 //! uniform in kilometres, not in degrees: a degree of longitude is shorter than a degree of
 //! latitude by cos(latitude), so the box's longitude span is wider in degrees to stay 100 km
 //! wide. With 1,000,000 pharmacies that is 100 per km², about 314 in a 1 km radius.
+//!
+//! The store benchmarks write what `POST /medicine/request/` writes: [`request_creates`] gives
+//! seeded requests from customers in the box, each with its recipients (named, placed and
+//! measured as the index would hand them over, nearest first).
 
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sanjevani_engine::geo::{EARTH_RADIUS_KM, LatLng};
+use sanjevani_engine::geo::{EARTH_RADIUS_KM, LatLng, haversine_km};
 use sanjevani_engine::hub::{Audience, Template};
 use sanjevani_engine::index::PharmacyCard;
-use sanjevani_engine::model::PharmacyId;
+use sanjevani_engine::model::{NewRequest, PharmacyId, Recipient, UserId};
 
 /// Latitude of the box's centre, degrees.
 pub const CENTRE_LAT: f64 = 27.7;
@@ -93,6 +97,101 @@ pub fn recipients(k: usize, seed: u64) -> Vec<(Audience, f64)> {
         .collect();
     to.sort_by(|a, b| a.1.total_cmp(&b.1));
     to
+}
+
+/// Pharmacy names as they read on Kathmandu shop signs; with [`AREAS`] they give the recipients'
+/// stored names realistic lengths (20 to 40 bytes).
+pub const PHARMACY_NAMES: [&str; 12] = [
+    "Sunrise Pharmacy",
+    "Nepal Medical Hall",
+    "Himalayan Medicos",
+    "Shree Ganesh Aushadhi Pasal",
+    "Annapurna Pharmacy",
+    "Everest Drug House",
+    "Om Shanti Medical Store",
+    "Kathmandu Chemists",
+    "Pashupati Pharma",
+    "Green Cross Pharmacy",
+    "Bagmati Medicals",
+    "Lifeline Pharmacy",
+];
+/// Neighbourhoods appended to [`PHARMACY_NAMES`].
+pub const AREAS: [&str; 8] =
+    ["Baneshwor", "Thamel", "Patan Dhoka", "Koteshwor", "Maharajgunj", "Kalanki", "Chabahil", "Jawalakhel"];
+/// Medicines customers ask for, with strength, as the console's form sends them.
+const MEDICINES: [&str; 6] = [
+    "Amoxicillin 500 mg",
+    "Paracetamol 650 mg",
+    "Metformin 500 mg",
+    "Amlodipine 5 mg",
+    "Salbutamol inhaler 100 mcg",
+    "Cetirizine 10 mg",
+];
+/// Farthest a recipient lies from the patient in [`request_creates`], km: the radius customers
+/// pick most often is a few km.
+pub const CREATE_RADIUS_KM: f64 = 3.0;
+
+/// `count` request creates as the lifecycle hands them to `Store::create_request`: customers in
+/// the box (ids `1..=500`, so each has a history), a medicine name, a note on every third, an
+/// image key on every other, a 15-minute TTL, and `recipients_each` pharmacies within
+/// [`CREATE_RADIUS_KM`], nearest first, with their names, places and unrounded distances.
+/// Pharmacy ids are drawn from a 1M city; the recipients table has no foreign key on them.
+///
+/// With `idempotency_keys`, each create carries a unique `Idempotency-Key` (optional in API.md),
+/// which makes the store look the key up before inserting; without, it writes the request row and
+/// its recipient rows only, which is what DESIGN.md's create target counts.
+/// `created_at` is `now_ms`; callers restamp it before each round.
+pub fn request_creates(
+    count: usize,
+    recipients_each: usize,
+    idempotency_keys: bool,
+    seed: u64,
+    now_ms: i64,
+) -> Vec<(NewRequest, Vec<Recipient>)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|i| {
+            let (lat, lng) = uniform_in_box(&mut rng);
+            let patient = LatLng::new(lat, lng).expect("fixture points lie inside the box");
+            let mut recipients: Vec<Recipient> = (0..recipients_each)
+                .map(|_| {
+                    let pharmacy_id: PharmacyId = rng.random_range(0..1_000_000);
+                    let km = CREATE_RADIUS_KM * rng.random::<f64>().sqrt();
+                    let bearing = rng.random_range(0.0..std::f64::consts::TAU);
+                    let north = km * bearing.cos() / km_per_degree();
+                    let east = km * bearing.sin() / (km_per_degree() * lat.to_radians().cos());
+                    let location = LatLng::new(lat + north, lng + east).expect("a few km from a point in the box");
+                    Recipient {
+                        pharmacy_id,
+                        pharmacy_name: format!(
+                            "{}, {}",
+                            PHARMACY_NAMES[pharmacy_id as usize % PHARMACY_NAMES.len()],
+                            AREAS[pharmacy_id as usize / PHARMACY_NAMES.len() % AREAS.len()]
+                        ),
+                        location,
+                        distance_km: haversine_km(patient, location),
+                    }
+                })
+                .collect();
+            recipients.sort_by(|a, b| a.distance_km.total_cmp(&b.distance_km).then(a.pharmacy_id.cmp(&b.pharmacy_id)));
+            let customer_id: UserId = rng.random_range(1..=500);
+            let request = NewRequest {
+                customer_id,
+                patient_name: format!("Customer {customer_id} Shrestha"),
+                patient_phone: format!("98{:08}", rng.random_range(0..100_000_000u32)),
+                location: patient,
+                radius_km: CREATE_RADIUS_KM,
+                quantity: rng.random_range(1..=30),
+                medicine_name: Some(MEDICINES[i % MEDICINES.len()].to_string()),
+                note: (i % 3 == 0).then(|| "Needed tonight, generic is fine.".to_string()),
+                image: (i % 2 == 0).then(|| format!("prescriptions/{:016x}.jpg", rng.random::<u64>())),
+                idempotency_key: idempotency_keys.then(|| format!("{seed:x}-{i:08}-{:016x}", rng.random::<u64>())),
+                created_at: now_ms,
+                expires_at: now_ms + 15 * 60 * 1000,
+            };
+            (request, recipients)
+        })
+        .collect()
 }
 
 /// A realistic `new_request` as the seed sends it (plus API.md's `medicine_name` and `note`),
@@ -210,6 +309,25 @@ mod tests {
         }
         let to = recipients(100, 1);
         assert!(to.windows(2).all(|w| w[0].1 <= w[1].1));
+    }
+
+    #[test]
+    fn request_creates_are_seeded_realistic_and_nearest_first() {
+        let creates = request_creates(300, 10, true, 5, 1_000);
+        assert_eq!(creates, request_creates(300, 10, true, 5, 1_000));
+        assert!(request_creates(10, 10, false, 5, 1_000).iter().all(|(req, _)| req.idempotency_key.is_none()));
+        let mut keys = std::collections::HashSet::new();
+        for (req, to) in &creates {
+            assert!(keys.insert(req.idempotency_key.clone().unwrap()), "idempotency keys are unique");
+            assert!((1..=500).contains(&req.customer_id) && req.quantity >= 1);
+            assert_eq!(req.expires_at - req.created_at, 15 * 60 * 1000);
+            assert_eq!(to.len(), 10);
+            assert!(to.windows(2).all(|w| w[0].distance_km <= w[1].distance_km));
+            for r in to {
+                assert!(r.distance_km <= CREATE_RADIUS_KM + 1e-9, "{} km", r.distance_km);
+                assert!((20..=45).contains(&r.pharmacy_name.len()), "{:?}", r.pharmacy_name);
+            }
+        }
     }
 
     #[test]
