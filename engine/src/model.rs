@@ -271,6 +271,31 @@ pub struct NewRequest {
     pub expires_at: UnixMs,
 }
 
+impl NewRequest {
+    /// The stored request this becomes once the store has given it `id`: PENDING, unassigned.
+    pub fn into_request(self, id: RequestId) -> MedicineRequest {
+        MedicineRequest {
+            id,
+            customer_id: self.customer_id,
+            patient_name: self.patient_name,
+            patient_phone: self.patient_phone,
+            location: self.location,
+            radius_km: self.radius_km,
+            quantity: self.quantity,
+            medicine_name: self.medicine_name,
+            note: self.note,
+            image: self.image,
+            status: RequestStatus::Pending,
+            pharmacy_id: None,
+            pharmacy_name: None,
+            idempotency_key: self.idempotency_key,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            closed_at: None,
+        }
+    }
+}
+
 /// A pharmacy notified of a request, as it was when notified.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recipient {
@@ -322,6 +347,22 @@ pub struct NewResponse {
     pub audio: Option<String>,
     /// Time of the response.
     pub responded_at: UnixMs,
+}
+
+impl NewResponse {
+    /// The stored response this becomes once the store has given it `id`.
+    pub fn into_response(self, id: ResponseId) -> PharmacyResponse {
+        PharmacyResponse {
+            id,
+            request_id: self.request_id,
+            pharmacy_id: self.pharmacy_id,
+            pharmacy_name: self.pharmacy_name,
+            response_type: self.response_type,
+            text_message: self.text_message,
+            audio: self.audio,
+            responded_at: self.responded_at,
+        }
+    }
 }
 
 /// What the store decided for a response, atomically on its writer.

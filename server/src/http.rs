@@ -299,7 +299,8 @@ fn host_allowed(app: &App, host_header: &str) -> bool {
     }
 }
 
-fn base_url(app: &App, host_header: &str) -> String {
+/// Base of absolute URLs: `--public-url`, else `http://<Host>`.
+pub fn base_url(app: &App, host_header: &str) -> String {
     match &app.config.public_url {
         Some(url) => url.clone(),
         None => format!("http://{host_header}"),

@@ -143,13 +143,8 @@ pub async fn upgrade(app: &Arc<App>, mut req: Request<Incoming>, side: Side) -> 
 }
 
 fn base_url(app: &App, req: &Request<Incoming>) -> String {
-    match &app.config.public_url {
-        Some(url) => url.clone(),
-        None => {
-            let host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-            format!("http://{host}")
-        }
-    }
+    let host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    crate::http::base_url(app, host)
 }
 
 struct Session {

@@ -234,25 +234,7 @@ impl Store for MemoryStore {
         {
             return Ok(Created::Existing(earlier.clone()));
         }
-        let request = MedicineRequest {
-            id: next(&mut state.next_request),
-            customer_id: req.customer_id,
-            patient_name: req.patient_name,
-            patient_phone: req.patient_phone,
-            location: req.location,
-            radius_km: req.radius_km,
-            quantity: req.quantity,
-            medicine_name: req.medicine_name,
-            note: req.note,
-            image: req.image,
-            status: RequestStatus::Pending,
-            pharmacy_id: None,
-            pharmacy_name: None,
-            idempotency_key: req.idempotency_key,
-            created_at: req.created_at,
-            expires_at: req.expires_at,
-            closed_at: None,
-        };
+        let request = req.into_request(next(&mut state.next_request));
         if let Some(key) = &request.idempotency_key {
             state.idempotency.insert((request.customer_id, key.clone()), request.id);
         }
@@ -287,17 +269,8 @@ impl Store for MemoryStore {
             request.pharmacy_name = Some(resp.pharmacy_name.clone());
             request.closed_at = Some(resp.responded_at);
         }
-        let response = PharmacyResponse {
-            id: next(&mut state.next_response),
-            request_id: resp.request_id,
-            pharmacy_id: resp.pharmacy_id,
-            pharmacy_name: resp.pharmacy_name,
-            response_type: resp.response_type,
-            text_message: resp.text_message,
-            audio: resp.audio,
-            responded_at: resp.responded_at,
-        };
-        state.responses.entry(resp.request_id).or_default().push(response.clone());
+        let response = resp.into_response(next(&mut state.next_response));
+        state.responses.entry(response.request_id).or_default().push(response.clone());
         Ok(ResponseOutcome::Recorded(response))
     }
 

@@ -887,25 +887,7 @@ fn create_request(c: &Connection, req: NewRequest, recipients: Vec<Recipient>) -
             ])
             .map_err(fail)?;
     }
-    Ok(Created::New(MedicineRequest {
-        id,
-        customer_id: req.customer_id,
-        patient_name: req.patient_name,
-        patient_phone: req.patient_phone,
-        location: req.location,
-        radius_km: req.radius_km,
-        quantity: req.quantity,
-        medicine_name: req.medicine_name,
-        note: req.note,
-        image: req.image,
-        status: RequestStatus::Pending,
-        pharmacy_id: None,
-        pharmacy_name: None,
-        idempotency_key: req.idempotency_key,
-        created_at: req.created_at,
-        expires_at: req.expires_at,
-        closed_at: None,
-    }))
+    Ok(Created::New(req.into_request(id)))
 }
 
 fn request_status(c: &Connection, id: RequestId) -> rusqlite::Result<Option<(UserId, RequestStatus)>> {
@@ -972,16 +954,7 @@ fn record_response(c: &Connection, resp: NewResponse) -> Result<ResponseOutcome>
         ])
     })
     .map_err(fail)?;
-    Ok(ResponseOutcome::Recorded(PharmacyResponse {
-        id: c.last_insert_rowid(),
-        request_id: resp.request_id,
-        pharmacy_id: resp.pharmacy_id,
-        pharmacy_name: resp.pharmacy_name,
-        response_type: resp.response_type,
-        text_message: resp.text_message,
-        audio: resp.audio,
-        responded_at: resp.responded_at,
-    }))
+    Ok(ResponseOutcome::Recorded(resp.into_response(c.last_insert_rowid())))
 }
 
 /// PENDING → `to`, decided once; `owner` restricts it to the customer's own request.
