@@ -235,3 +235,48 @@ async fn restart_keeps_everything() {
     assert_eq!(ws.json().await, json!({"type": "sync", "pending": [open]}));
     login(&server, "keep@example.com", "password-123").await;
 }
+
+/// `--max-connections`: past the limit, a new connection waits in the listen backlog and is
+/// served once another closes.
+#[tokio::test]
+async fn connections_past_the_limit_wait() {
+    let server = Server::start_with(|c| c.max_connections = Some(2)).await;
+    let request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let mut first = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = [0u8; 256];
+    for conn in [&mut first, &mut second] {
+        conn.write_all(request).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await.unwrap().unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    }
+    let mut third = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    third.write_all(request).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf)).await.is_err(),
+        "the third connection is not served while two are open"
+    );
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf)).await.unwrap().unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "served once a slot freed");
+}
+
+/// A multipart body over `--max-upload` → 413, checked before it is buffered.
+#[tokio::test]
+async fn uploads_over_the_limit_get_413() {
+    let server = Server::start_with(|c| c.max_upload = 64 * 1024).await;
+    let (_, customer) = customer(&server, "big@example.com").await;
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.resize(100 * 1024, 0);
+    let reply = server
+        .post("/medicine/request/")
+        .bearer(&customer)
+        .multipart(
+            &[("patient_lat", "27.7"), ("patient_lng", "85.3"), ("radius_km", "5"), ("quantity", "1")],
+            &[("image", "big.png", &png)],
+        )
+        .go()
+        .await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(server.get("/health").go().await.status, 200);
+}
