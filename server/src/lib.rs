@@ -13,6 +13,7 @@ pub mod demo;
 pub mod http;
 pub mod mail;
 pub mod media;
+pub mod metrics;
 pub mod routes;
 pub mod ws;
 
