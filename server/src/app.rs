@@ -7,6 +7,7 @@ use crate::auth::Jwt;
 use crate::config::Config;
 use crate::mail::Mailer;
 use crate::media::Media;
+use crate::metrics::{Disconnects, Histogram, LATENCY_MICROS_BOUNDS, RouteLatency};
 use sanjevani_engine::Error;
 use sanjevani_engine::accounts::Accounts;
 use sanjevani_engine::hub::Hub;
@@ -25,6 +26,12 @@ pub struct ShellStats {
     pub ws_connects: AtomicU64,
     /// Requests refused by a rate limit.
     pub rate_limited: AtomicU64,
+    /// WebSockets ended, by close code.
+    pub ws_disconnects: Disconnects,
+    /// HTTP handling time per route pattern.
+    pub http_latency: RouteLatency,
+    /// `POST /medicine/request/` from handler start to the last `new_request` queued.
+    pub request_fanout: Histogram,
     /// Requests created per second over the last minute, as (second, count) buckets.
     created_buckets: [(AtomicU64, AtomicU64); 60],
 }
@@ -35,6 +42,9 @@ impl Default for ShellStats {
             delivered: AtomicU64::new(0),
             ws_connects: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
+            ws_disconnects: Disconnects::default(),
+            http_latency: RouteLatency::default(),
+            request_fanout: Histogram::new(&LATENCY_MICROS_BOUNDS),
             created_buckets: std::array::from_fn(|_| (AtomicU64::new(0), AtomicU64::new(0))),
         }
     }

@@ -11,6 +11,7 @@
 //! can have, so no client's OTP budget is spent. The logins are public and printed on stdout,
 //! never logged.
 
+use crate::progress::Progress;
 use sanjevani_engine::Error;
 use sanjevani_engine::accounts::{Accounts, Registration};
 use sanjevani_engine::geo::LatLng;
@@ -165,6 +166,8 @@ async fn verify_email(accounts: &Accounts, email: &str) -> Result<(), DemoError>
 /// admins), their emails verified. Idempotent: accounts whose email exists are left untouched.
 pub async fn load_demo(accounts: &Accounts) -> Result<DemoReport, DemoError> {
     let data = demo_data()?;
+    let total = data.customers.len() + data.pharmacies.len() + data.admins.len();
+    let progress = Progress::start("loading demo data", Some(total as u64));
     let mut report = DemoReport::default();
     let registration = |email: &str, password: &str, name: &str, phone: &str| Registration {
         email: email.to_string(),
@@ -187,6 +190,7 @@ pub async fn load_demo(accounts: &Accounts) -> Result<DemoReport, DemoError> {
             approved: None,
             created,
         });
+        progress.inc(1);
     }
 
     for p in &data.pharmacies {
@@ -216,6 +220,7 @@ pub async fn load_demo(accounts: &Accounts) -> Result<DemoReport, DemoError> {
             approved: Some(p.approved),
             created,
         });
+        progress.inc(1);
     }
 
     for a in &data.admins {
@@ -232,9 +237,10 @@ pub async fn load_demo(accounts: &Accounts) -> Result<DemoReport, DemoError> {
             approved: None,
             created,
         });
+        progress.inc(1);
     }
 
-    tracing::info!(created = report.created(), total = report.logins.len(), "demo data loaded");
+    progress.finish(report.created() as u64, &format!("of {total} demo accounts created"));
     Ok(report)
 }
 

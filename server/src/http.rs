@@ -248,6 +248,7 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Res
         headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Retry-After"));
         headers.append(header::VARY, HeaderValue::from_static("Origin"));
     }
+    app.stats.http_latency.observe(&path, started.elapsed());
     // The query string may carry a token (`/ws/...?token=`): log the path only.
     tracing::debug!(%method, %path, status = response.status().as_u16(), micros = started.elapsed().as_micros() as u64, "http");
     response

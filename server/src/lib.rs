@@ -13,12 +13,15 @@ pub mod demo;
 pub mod http;
 pub mod mail;
 pub mod media;
+pub mod metrics;
+pub mod progress;
 pub mod routes;
 pub mod ws;
 
 pub use config::Config;
 
 use app::App;
+use progress::Progress;
 use sanjevani_engine::accounts::{Accounts, AccountsConfig, card};
 use sanjevani_engine::hub::{Close, Hub};
 use sanjevani_engine::index::PharmacyIndex;
@@ -96,14 +99,18 @@ pub async fn run(
 async fn recover(app: Arc<App>, local: std::net::SocketAddr) {
     let started = Instant::now();
     let result: Result<(), sanjevani_engine::Error> = async {
+        let progress = Progress::start("loading pharmacies", None);
         let pharmacies = app.store.load_pharmacies().await?;
         let cards: Vec<_> = pharmacies.iter().filter(|p| p.approved).map(card).collect();
         let approved = cards.len();
         app.index.replace_all(cards);
+        progress.finish(approved as u64, "approved pharmacies indexed");
+        let progress = Progress::start("loading open requests", None);
         let config = LifecycleConfig { request_ttl: app.config.request_ttl };
         let lifecycle =
             Lifecycle::start(app.store.clone(), app.hub.clone(), app.index.clone(), app.media.clone(), config).await?;
         let pending = lifecycle.stats().pending.load(std::sync::atomic::Ordering::Relaxed);
+        progress.finish(pending.max(0) as u64, "requests pending");
         if app.config.demo {
             match demo::load_demo(&app.accounts).await {
                 Ok(report) => {

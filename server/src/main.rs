@@ -50,13 +50,17 @@ fn main() -> ExitCode {
 }
 
 /// Logs to stderr (stdout is for command output such as the demo logins), filtered by
-/// `RUST_LOG`, `info` by default, coloured only on a terminal. Nothing here logs tokens or
-/// passwords.
+/// `RUST_LOG`, `info` by default, coloured only on a terminal, written around any progress bar.
+/// Nothing here logs tokens or passwords.
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(sanjevani::progress::log_writer)
+        .with_ansi(ansi)
+        .init();
 }
 
 /// The `.env` of the working directory and the `SANJEVANI_*` environment.

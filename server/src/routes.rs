@@ -9,6 +9,7 @@ use crate::body::{self, Form};
 use crate::http::{Body, Ctx, json};
 use crate::mail::Mail;
 use crate::media::MediaKind;
+use crate::metrics;
 use crate::ws;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -41,6 +42,9 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>, ctx: &Ctx) -> Reply {
     }
     if segments.first() == Some(&"health") && segments.len() == 1 {
         return allow!(GET => Ok(health(app)));
+    }
+    if segments.first() == Some(&"metrics") && segments.len() == 1 {
+        return allow!(GET => Ok(metrics::scrape(app, bearer(&req))));
     }
     if !app.is_ready() && segments.first() != Some(&"media") {
         return Err(Error::Unavailable("The server is starting; try again shortly".into()));
@@ -329,6 +333,7 @@ fn response_json(app: &App, ctx: &Ctx, r: &PharmacyResponse) -> Value {
 }
 
 async fn create_request(app: &App, req: Request<Incoming>, ctx: &Ctx) -> Reply {
+    let started = std::time::Instant::now();
     let customer = caller(app, &req, &[Role::Customer]).await?;
     let idempotency_header = req.headers().get("idempotency-key").map(|v| v.to_str().map(str::to_owned));
     let lifecycle = app.lifecycle()?;
@@ -356,6 +361,8 @@ async fn create_request(app: &App, req: Request<Incoming>, ctx: &Ctx) -> Reply {
     let created = lifecycle.create(&customer, input, &ctx.base_url).await?;
     if !created.repeated {
         app.stats.count_created();
+        // `create` returns right after its last `send_patched`: every recipient's queue has it.
+        app.stats.request_fanout.observe_since(started);
     }
     let n = created.pharmacies_notified;
     Ok(json(

@@ -14,10 +14,13 @@
 //! The subscription is registered before the snapshot is read, so no message falls between.
 //! A queue that overflows closes its socket with 4008 (best effort within 1 s, then dropped);
 //! a suspended pharmacy's sockets get 4003; shutdown sends 1001; silence past `--ws-idle` 1000.
+//! Every socket that ends is counted once for `/metrics` by its close code and by who closed it
+//! (a client that vanishes without a close frame counts as 1006).
 
 use crate::app::App;
 use crate::auth::TokenType;
 use crate::http::{Body, WatchedStream};
+use crate::metrics::ClosedBy;
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Role as WsRole, WebSocketError};
 use http_body_util::Full;
@@ -50,6 +53,11 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 pub const SEND_BUFFER: usize = 256 * 1024;
 /// How long a closing socket may take to flush its backlog and close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// The close code of a connection that ended without a close frame (RFC 6455 §7.1.5).
+const ABNORMAL: u16 = 1006;
+
+/// How a socket ended, for `/metrics`.
+type Ended = (u16, ClosedBy);
 
 /// The result of checking the token: who connected, or the close code to send.
 enum Admission {
@@ -125,6 +133,7 @@ pub async fn upgrade(app: &Arc<App>, mut req: Request<Incoming>, side: Side) -> 
             Ok(ws) => ws.into_inner().into_inner(),
             Err(error) => {
                 tracing::debug!(%error, "websocket upgrade did not complete");
+                app.stats.ws_disconnects.count(ABNORMAL, ClosedBy::Client);
                 return;
             }
         };
@@ -132,6 +141,7 @@ pub async fn upgrade(app: &Arc<App>, mut req: Request<Incoming>, side: Side) -> 
             Ok(parts) => parts,
             Err(_) => {
                 tracing::error!("websocket upgrade: unexpected transport");
+                app.stats.ws_disconnects.count(ABNORMAL, ClosedBy::Server);
                 return;
             }
         };
@@ -174,6 +184,7 @@ async fn run_socket(app: Arc<App>, stream: tokio::net::TcpStream, read_buf: Byte
     let session = match session {
         Ok(session) => session,
         Err(close) => {
+            app.stats.ws_disconnects.count(close.code, ClosedBy::Server);
             let mut out = Vec::new();
             encode_close(&mut out, close.code, close.reason);
             let _ = tokio::time::timeout(CLOSE_GRACE, async {
@@ -192,7 +203,8 @@ async fn run_socket(app: Arc<App>, stream: tokio::net::TcpStream, read_buf: Byte
         let reader = SharedRead(Arc::new(parking_lot::Mutex::new(std::io::Cursor::new(read_buf).chain(read_half))));
         tokio::spawn(read_loop(reader, control_tx, last_heard, started))
     };
-    write_loop(&app, write_half, session, control_rx, last_heard, started).await;
+    let (code, by) = write_loop(&app, write_half, session, control_rx, last_heard, started).await;
+    app.stats.ws_disconnects.count(code, by);
     // Give the reader a moment to see the client's close (or drain what it sent), so the socket is
     // not closed with unread bytes, which would reset it before the client reads our close frame.
     let abort = reader.abort_handle();
@@ -340,21 +352,22 @@ async fn write_loop(
     mut control: mpsc::Receiver<Control>,
     last_heard: Arc<AtomicU64>,
     started: Instant,
-) {
+) -> Ended {
+    const GONE: Ended = (ABNORMAL, ClosedBy::Client);
     let Session { subscription, hello, backlog } = session;
     let mut out = Vec::with_capacity(16 * 1024);
     encode_text(&mut out, &hello);
     for frame in &backlog {
         encode_text(&mut out, frame);
         if out.len() >= 64 * 1024 && socket.write_all(&out).await.is_err() {
-            return;
+            return GONE;
         }
         if out.len() >= 64 * 1024 {
             out.clear();
         }
     }
     if socket.write_all(&out).await.is_err() {
-        return;
+        return GONE;
     }
     out.clear();
 
@@ -372,17 +385,19 @@ async fn write_loop(
                     Some(Control::CloseReply(payload)) => {
                         encode_frame(&mut out, OpCode::Close, &payload);
                         finish(&mut socket, &out).await;
-                        return;
+                        // A close frame without a status code is "no status received".
+                        let code = payload.get(..2).map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
+                        return (code, ClosedBy::Client);
                     }
-                    Some(Control::Gone) | None => return,
+                    Some(Control::Gone) | None => return GONE,
                     Some(Control::Close(code, reason)) => {
                         encode_close(&mut out, code, reason);
                         finish(&mut socket, &out).await;
-                        return;
+                        return (code, ClosedBy::Server);
                     }
                 }
                 if socket.write_all(&out).await.is_err() {
-                    return;
+                    return GONE;
                 }
                 out.clear();
             }
@@ -396,7 +411,7 @@ async fn write_loop(
                 match close {
                     None => {
                         if socket.write_all(&out).await.is_err() {
-                            return;
+                            return GONE;
                         }
                         app.stats.delivered.fetch_add(frames, Ordering::Relaxed);
                         out.clear();
@@ -406,7 +421,7 @@ async fn write_loop(
                         if finish(&mut socket, &out).await {
                             app.stats.delivered.fetch_add(frames, Ordering::Relaxed);
                         }
-                        return;
+                        return (close.code, ClosedBy::Server);
                     }
                 }
             }
@@ -416,11 +431,11 @@ async fn write_loop(
                 if silent >= idle_ms {
                     encode_close(&mut out, 1000, "idle");
                     finish(&mut socket, &out).await;
-                    return;
+                    return (1000, ClosedBy::Server);
                 }
                 encode_frame(&mut out, OpCode::Ping, b"");
                 if socket.write_all(&out).await.is_err() {
-                    return;
+                    return GONE;
                 }
                 out.clear();
             }

@@ -7,6 +7,7 @@ mod admin;
 mod edges;
 mod harness;
 mod mail;
+mod metrics;
 mod requests;
 mod smtp_sink;
 mod websockets;

@@ -12,7 +12,9 @@ mod memory;
 mod sqlite;
 
 pub use memory::MemoryStore;
-pub use sqlite::{SqliteStore, StoreOptions, StoreStats};
+pub use sqlite::{
+    BATCH_SIZE_BOUNDS, Buckets, COMMIT_MICROS_BOUNDS, CommitHistograms, SqliteStore, StoreOptions, StoreStats,
+};
 
 use crate::error::Result;
 use crate::model::*;

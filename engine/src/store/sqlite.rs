@@ -179,6 +179,36 @@ pub struct StoreStats {
     pub failed_batches: u64,
 }
 
+/// Upper bounds (inclusive) of the batch-size histogram, in commands per committed batch. The
+/// default `max_batch` is 1,024, so the last bound is where a saturated writer lands.
+pub const BATCH_SIZE_BOUNDS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+
+/// Upper bounds (inclusive) of the commit-time histogram, in microseconds: an fsync on an SSD
+/// takes 0.1–2 ms, on a busy or networked disk tens of ms.
+pub const COMMIT_MICROS_BOUNDS: [u64; 13] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000];
+
+/// One histogram of the writer, as counted so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Buckets {
+    /// Inclusive upper bound of every bucket but the last.
+    pub bounds: &'static [u64],
+    /// Observations per bucket, not cumulative: `bounds.len() + 1` entries, the last counting
+    /// values above every bound.
+    pub counts: Vec<u64>,
+    /// Sum of the observed values.
+    pub sum: u64,
+}
+
+/// The writer's histograms over committed batches, for `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitHistograms {
+    /// Commands per committed batch (its sum is [`StoreStats::writes`]).
+    pub batch_size: Buckets,
+    /// Time in COMMIT per batch, in microseconds (its sum is [`StoreStats::total_commit_micros`]).
+    pub commit_micros: Buckets,
+}
+
 /// The counters behind [`StoreStats`], shared with the writer thread.
 #[derive(Debug, Default)]
 struct Counters {
@@ -187,6 +217,19 @@ struct Counters {
     last_batch: AtomicU64,
     total_commit_micros: AtomicU64,
     failed_batches: AtomicU64,
+    /// Committed batches per [`BATCH_SIZE_BOUNDS`] bucket (one `fetch_add` per batch).
+    batch_sizes: [AtomicU64; BATCH_SIZE_BOUNDS.len() + 1],
+    /// Committed batches per [`COMMIT_MICROS_BOUNDS`] bucket.
+    commit_times: [AtomicU64; COMMIT_MICROS_BOUNDS.len() + 1],
+}
+
+/// The bucket `value` falls in: the first whose bound is at least `value`, else the last.
+fn bucket_of(bounds: &[u64], value: u64) -> usize {
+    bounds.partition_point(|&bound| bound < value)
+}
+
+fn load_all(counts: &[AtomicU64]) -> Vec<u64> {
+    counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
 }
 
 /// A write command as the writer thread sees it: it runs against the write connection and hands
@@ -283,6 +326,23 @@ impl SqliteStore {
             last_batch: c.last_batch.load(Ordering::Relaxed),
             total_commit_micros: c.total_commit_micros.load(Ordering::Relaxed),
             failed_batches: c.failed_batches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The batch-size and commit-time histograms now.
+    pub fn commit_histograms(&self) -> CommitHistograms {
+        let c = &self.inner.counters;
+        CommitHistograms {
+            batch_size: Buckets {
+                bounds: &BATCH_SIZE_BOUNDS,
+                counts: load_all(&c.batch_sizes),
+                sum: c.writes.load(Ordering::Relaxed),
+            },
+            commit_micros: Buckets {
+                bounds: &COMMIT_MICROS_BOUNDS,
+                counts: load_all(&c.commit_times),
+                sum: c.total_commit_micros.load(Ordering::Relaxed),
+            },
         }
     }
 
@@ -517,7 +577,10 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Job>, counters: &Counters) {
             counters.commits.fetch_add(1, Ordering::Relaxed);
             counters.writes.fetch_add(size, Ordering::Relaxed);
             counters.last_batch.store(size, Ordering::Relaxed);
-            counters.total_commit_micros.fetch_add(commit_time.as_micros() as u64, Ordering::Relaxed);
+            let commit_micros = commit_time.as_micros() as u64;
+            counters.total_commit_micros.fetch_add(commit_micros, Ordering::Relaxed);
+            counters.batch_sizes[bucket_of(&BATCH_SIZE_BOUNDS, size)].fetch_add(1, Ordering::Relaxed);
+            counters.commit_times[bucket_of(&COMMIT_MICROS_BOUNDS, commit_micros)].fetch_add(1, Ordering::Relaxed);
             for reply in replies {
                 reply();
             }
@@ -1261,6 +1324,16 @@ mod tests {
         }
     }
 
+    #[test]
+    fn histogram_buckets_are_inclusive_upper_bounds() {
+        assert_eq!(bucket_of(&BATCH_SIZE_BOUNDS, 0), 0);
+        assert_eq!(bucket_of(&BATCH_SIZE_BOUNDS, 1), 0);
+        assert_eq!(bucket_of(&BATCH_SIZE_BOUNDS, 2), 1);
+        assert_eq!(bucket_of(&BATCH_SIZE_BOUNDS, 3), 2);
+        assert_eq!(bucket_of(&BATCH_SIZE_BOUNDS, 1024), BATCH_SIZE_BOUNDS.len() - 1);
+        assert_eq!(bucket_of(&BATCH_SIZE_BOUNDS, 1025), BATCH_SIZE_BOUNDS.len(), "past every bound: the last bucket");
+    }
+
     fn user_version(path: &Path) -> i64 {
         let conn = Connection::open(path).unwrap();
         conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap()
@@ -1378,6 +1451,12 @@ mod tests {
         assert_eq!(stats.last_batch, 3, "the three commands shared one batch");
         assert_eq!(stats.commits, 2);
         assert_eq!(stats.writes, 4);
+        let histograms = store.commit_histograms();
+        let batches = &histograms.batch_size;
+        assert_eq!(batches.counts.len(), BATCH_SIZE_BOUNDS.len() + 1);
+        assert_eq!((batches.counts[0], batches.counts[2], batches.sum), (1, 1, 4), "one batch of 1, one of 3 (≤ 4)");
+        assert_eq!(batches.counts.iter().sum::<u64>(), 2);
+        assert_eq!(histograms.commit_micros.counts.iter().sum::<u64>(), 2, "one commit time per batch");
         assert_eq!(store.user_by_id(first.id).await.unwrap(), Some(first));
         assert_eq!(store.user_by_id(third.id).await.unwrap(), Some(third));
     }
