@@ -8,6 +8,7 @@ pub mod auth;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod datadir;
 pub mod demo;
 pub mod http;

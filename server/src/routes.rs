@@ -6,6 +6,7 @@
 use crate::app::App;
 use crate::auth::TokenType;
 use crate::body::{self, Form};
+use crate::console;
 use crate::http::{Body, Ctx, json};
 use crate::mail::Mail;
 use crate::media::MediaKind;
@@ -45,6 +46,10 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>, ctx: &Ctx) -> Reply {
     }
     if segments.first() == Some(&"metrics") && segments.len() == 1 {
         return allow!(GET => Ok(metrics::scrape(app, bearer(&req))));
+    }
+    // The console's files need nothing from the store: served while starting too.
+    if let Some(asset) = console::asset(&segments) {
+        return allow!(GET => Ok(console::respond(asset, req.headers())));
     }
     if !app.is_ready() && segments.first() != Some(&"media") {
         return Err(Error::Unavailable("The server is starting; try again shortly".into()));
