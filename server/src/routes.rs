@@ -81,6 +81,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>, ctx: &Ctx) -> Reply {
         }
         ["ws", "customer"] => allow!(GET => ws::upgrade(app, req, ws::Side::Customer).await),
         ["ws", "pharmacy"] => allow!(GET => ws::upgrade(app, req, ws::Side::Pharmacy).await),
+        ["openapi.json"] => allow!(GET => Ok(openapi())),
         _ => Err(Error::NotFound("Not found".into())),
     }
 }
@@ -517,4 +518,31 @@ async fn media(app: &App, req: &Request<Incoming>, key: &str) -> Reply {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=3600"));
     headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     Ok(response)
+}
+
+// ---------------------------------------------------------------- the API's own description
+
+/// The OpenAPI 3.1 document of every endpoint and WebSocket message (`server/openapi.json`).
+/// It is a file rather than built in code so that a client developer can review it as it is
+/// served; the end-to-end suite validates every response it receives against it.
+pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
+
+fn openapi() -> Response<Body> {
+    let mut response = Response::new(http_body_util::Full::new(bytes::Bytes::from_static(OPENAPI_JSON.as_bytes())));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OPENAPI_JSON;
+
+    #[test]
+    fn the_openapi_document_is_json_for_openapi_3_1() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI_JSON).expect("server/openapi.json is not valid JSON");
+        assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1.")), "{}", doc["openapi"]);
+        assert!(doc["paths"]["/openapi.json"]["get"].is_object());
+    }
 }
