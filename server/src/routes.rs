@@ -60,19 +60,13 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>, ctx: &Ctx) -> Reply {
         ["medicine", "request"] => {
             allow!(POST => create_request(app, req, ctx).await, GET => list_requests(app, &req, ctx).await)
         }
-        ["medicine", "request", id] => {
-            let id = parse_id(id)?;
-            allow!(GET => request_detail(app, &req, ctx, id).await)
-        }
-        ["medicine", "request", id, "cancel"] => {
-            let id = parse_id(id)?;
-            allow!(POST => cancel_request(app, req, id).await)
-        }
+        ["medicine", "request", id] => allow!(GET => request_detail(app, &req, ctx, id).await),
+        ["medicine", "request", id, "cancel"] => allow!(POST => cancel_request(app, req, id).await),
         ["medicine", "response"] => allow!(POST => respond(app, req, ctx).await),
         ["admin", "pharmacies"] => allow!(GET => admin_list(app, &req).await),
         ["admin", "pharmacies", id, action @ ("approve" | "suspend")] => {
-            let (id, action) = (parse_id(id)?, *action);
-            allow!(POST => admin_set(app, req, id, action == "approve").await)
+            let approve = *action == "approve";
+            allow!(POST => admin_set(app, req, id, approve).await)
         }
         ["admin", "stats"] => allow!(GET => admin_stats(app, &req).await),
         ["media", rest @ ..] if !rest.is_empty() => {
@@ -94,6 +88,8 @@ fn method_not_allowed(allowed: &[&str]) -> Reply {
     Ok(response)
 }
 
+/// A path id; parsed by the handler after authentication, so that the checks run in API.md's
+/// order (401 before 404) and a wrong method gets 405 whatever the id.
 fn parse_id(s: &str) -> Result<i64, Error> {
     s.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| Error::NotFound("Not found".into()))
 }
@@ -377,8 +373,9 @@ async fn list_requests(app: &App, req: &Request<Incoming>, ctx: &Ctx) -> Reply {
     Ok(json(StatusCode::OK, &json!({"count": items.len(), "requests": items})))
 }
 
-async fn request_detail(app: &App, req: &Request<Incoming>, ctx: &Ctx, id: RequestId) -> Reply {
+async fn request_detail(app: &App, req: &Request<Incoming>, ctx: &Ctx, id: &str) -> Reply {
     let customer = caller(app, req, &[Role::Customer]).await?;
+    let id: RequestId = parse_id(id)?;
     let detail = app.lifecycle()?.detail(customer.id, id).await?;
     let mut body = request_json(app, ctx, &detail.request);
     body["responses"] = detail.responses.iter().map(|r| response_json(app, ctx, r)).collect();
@@ -395,8 +392,9 @@ async fn request_detail(app: &App, req: &Request<Incoming>, ctx: &Ctx, id: Reque
     Ok(json(StatusCode::OK, &body))
 }
 
-async fn cancel_request(app: &App, req: Request<Incoming>, id: RequestId) -> Reply {
+async fn cancel_request(app: &App, req: Request<Incoming>, id: &str) -> Reply {
     let customer = caller(app, &req, &[Role::Customer]).await?;
+    let id: RequestId = parse_id(id)?;
     body::discard(req.into_body()).await;
     let request = app.lifecycle()?.cancel(customer.id, id).await?;
     Ok(json(
@@ -471,8 +469,9 @@ async fn admin_list(app: &App, req: &Request<Incoming>) -> Reply {
     Ok(json(StatusCode::OK, &json!({"count": items.len(), "pharmacies": items})))
 }
 
-async fn admin_set(app: &App, req: Request<Incoming>, id: PharmacyId, approve: bool) -> Reply {
+async fn admin_set(app: &App, req: Request<Incoming>, id: &str, approve: bool) -> Reply {
     caller(app, &req, &[Role::Admin]).await?;
+    let id: PharmacyId = parse_id(id)?;
     body::discard(req.into_body()).await;
     let pharmacy = if approve { app.accounts.approve(id).await? } else { app.accounts.suspend(id).await? };
     let owner = app.accounts.user(pharmacy.user_id).await?.ok_or_else(|| Error::NotFound("Not found".into()))?;
