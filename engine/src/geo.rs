@@ -30,9 +30,15 @@ pub enum GeoError {
 }
 
 impl GeoError {
-    /// This error as a 400 naming `field`.
+    /// This error as a 400 naming `field`, e.g. "radius_km must be between 1 and 50".
     pub fn on(self, field: &'static str) -> Error {
-        Error::field(field, format!("{field} {self}"))
+        let rule = match self {
+            GeoError::NotFinite => "must be a finite number",
+            GeoError::LatOutOfRange => "must be between -90 and 90",
+            GeoError::LngOutOfRange => "must be between -180 and 180",
+            GeoError::RadiusOutOfRange => "must be between 1 and 50",
+        };
+        Error::field(field, format!("{field} {rule}"))
     }
 }
 
@@ -180,6 +186,12 @@ mod tests {
         let (va, vb) = (a.unit_vector(), b.unit_vector());
         let d2: f64 = (0..3).map(|i| (va[i] - vb[i]).powi(2)).sum();
         assert!((km_for_chord_squared(d2) - haversine_km(a, b)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn errors_name_the_field_once() {
+        assert_eq!(GeoError::RadiusOutOfRange.on("radius_km").to_string(), "radius_km must be between 1 and 50");
+        assert_eq!(GeoError::LatOutOfRange.on("patient_lat").to_string(), "patient_lat must be between -90 and 90");
     }
 
     #[test]

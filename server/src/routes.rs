@@ -69,19 +69,13 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>, ctx: &Ctx) -> Reply {
         ["medicine", "request"] => {
             allow!(POST => create_request(app, req, ctx).await, GET => list_requests(app, &req, ctx).await)
         }
-        ["medicine", "request", id] => {
-            let id = parse_id(id)?;
-            allow!(GET => request_detail(app, &req, ctx, id).await)
-        }
-        ["medicine", "request", id, "cancel"] => {
-            let id = parse_id(id)?;
-            allow!(POST => cancel_request(app, req, id).await)
-        }
+        ["medicine", "request", id] => allow!(GET => request_detail(app, &req, ctx, id).await),
+        ["medicine", "request", id, "cancel"] => allow!(POST => cancel_request(app, req, id).await),
         ["medicine", "response"] => allow!(POST => respond(app, req, ctx).await),
         ["admin", "pharmacies"] => allow!(GET => admin_list(app, &req).await),
         ["admin", "pharmacies", id, action @ ("approve" | "suspend")] => {
-            let (id, action) = (parse_id(id)?, *action);
-            allow!(POST => admin_set(app, req, id, action == "approve").await)
+            let approve = *action == "approve";
+            allow!(POST => admin_set(app, req, id, approve).await)
         }
         ["admin", "stats"] => allow!(GET => admin_stats(app, &req).await),
         ["media", rest @ ..] if !rest.is_empty() => {
@@ -90,6 +84,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>, ctx: &Ctx) -> Reply {
         }
         ["ws", "customer"] => allow!(GET => ws::upgrade(app, req, ws::Side::Customer).await),
         ["ws", "pharmacy"] => allow!(GET => ws::upgrade(app, req, ws::Side::Pharmacy).await),
+        ["openapi.json"] => allow!(GET => Ok(openapi())),
         _ => Err(Error::NotFound("Not found".into())),
     }
 }
@@ -102,6 +97,8 @@ fn method_not_allowed(allowed: &[&str]) -> Reply {
     Ok(response)
 }
 
+/// A path id; parsed by the handler after authentication, so that the checks run in API.md's
+/// order (401 before 404) and a wrong method gets 405 whatever the id.
 fn parse_id(s: &str) -> Result<i64, Error> {
     s.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| Error::NotFound("Not found".into()))
 }
@@ -388,8 +385,9 @@ async fn list_requests(app: &App, req: &Request<Incoming>, ctx: &Ctx) -> Reply {
     Ok(json(StatusCode::OK, &json!({"count": items.len(), "requests": items})))
 }
 
-async fn request_detail(app: &App, req: &Request<Incoming>, ctx: &Ctx, id: RequestId) -> Reply {
+async fn request_detail(app: &App, req: &Request<Incoming>, ctx: &Ctx, id: &str) -> Reply {
     let customer = caller(app, req, &[Role::Customer]).await?;
+    let id: RequestId = parse_id(id)?;
     let detail = app.lifecycle()?.detail(customer.id, id).await?;
     let mut body = request_json(app, ctx, &detail.request);
     body["responses"] = detail.responses.iter().map(|r| response_json(app, ctx, r)).collect();
@@ -406,8 +404,9 @@ async fn request_detail(app: &App, req: &Request<Incoming>, ctx: &Ctx, id: Reque
     Ok(json(StatusCode::OK, &body))
 }
 
-async fn cancel_request(app: &App, req: Request<Incoming>, id: RequestId) -> Reply {
+async fn cancel_request(app: &App, req: Request<Incoming>, id: &str) -> Reply {
     let customer = caller(app, &req, &[Role::Customer]).await?;
+    let id: RequestId = parse_id(id)?;
     body::discard(req.into_body()).await;
     let request = app.lifecycle()?.cancel(customer.id, id).await?;
     Ok(json(
@@ -482,8 +481,9 @@ async fn admin_list(app: &App, req: &Request<Incoming>) -> Reply {
     Ok(json(StatusCode::OK, &json!({"count": items.len(), "pharmacies": items})))
 }
 
-async fn admin_set(app: &App, req: Request<Incoming>, id: PharmacyId, approve: bool) -> Reply {
+async fn admin_set(app: &App, req: Request<Incoming>, id: &str, approve: bool) -> Reply {
     caller(app, &req, &[Role::Admin]).await?;
+    let id: PharmacyId = parse_id(id)?;
     body::discard(req.into_body()).await;
     let pharmacy = if approve { app.accounts.approve(id).await? } else { app.accounts.suspend(id).await? };
     let owner = app.accounts.user(pharmacy.user_id).await?.ok_or_else(|| Error::NotFound("Not found".into()))?;
@@ -529,4 +529,31 @@ async fn media(app: &App, req: &Request<Incoming>, key: &str) -> Reply {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=3600"));
     headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     Ok(response)
+}
+
+// ---------------------------------------------------------------- the API's own description
+
+/// The OpenAPI 3.1 document of every endpoint and WebSocket message (`server/openapi.json`).
+/// It is a file rather than built in code so that a client developer can review it as it is
+/// served; the end-to-end suite validates every response it receives against it.
+pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
+
+fn openapi() -> Response<Body> {
+    let mut response = Response::new(http_body_util::Full::new(bytes::Bytes::from_static(OPENAPI_JSON.as_bytes())));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OPENAPI_JSON;
+
+    #[test]
+    fn the_openapi_document_is_json_for_openapi_3_1() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI_JSON).expect("server/openapi.json is not valid JSON");
+        assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1.")), "{}", doc["openapi"]);
+        assert!(doc["paths"]["/openapi.json"]["get"].is_object());
+    }
 }

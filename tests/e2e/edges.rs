@@ -145,6 +145,8 @@ async fn malformed_input_gets_4xx() {
         .await;
     assert_eq!(r.status, 404);
     assert_eq!(server.get("/medicine/request/abc/").bearer(&customer).go().await.status, 404);
+    assert_eq!(server.get("/medicine/request/abc/").go().await.status, 401, "401 before 404 (API.md's order)");
+    assert_eq!(server.request("DELETE", "/admin/pharmacies/abc/approve/").go().await.status, 405);
     assert_eq!(server.get("/medicine/request/99999/").bearer(&customer).go().await.status, 404);
     let r = server.post("/pharmacy/register/").json(json!({"email": "p2@example.com", "password": "password-123", "name": "N", "phone_number": "1", "pharmacy_name": "P", "lat": 27.7, "lng": 200})).go().await;
     assert_eq!((r.status, r.json["field"].as_str()), (400, Some("lng")));

@@ -1,7 +1,9 @@
 //! The harness every end-to-end test uses: the real server's `run()` on port 0 with a temp data
 //! dir, a small real HTTP/1 client (hyper) and a real WebSocket client (fastwebsockets), all over
-//! real loopback sockets.
+//! real loopback sockets. Every reply and every WebSocket message passes the OpenAPI contract
+//! check (`contract.rs`) on its way to the test: one that drifts from the document fails it.
 
+use crate::contract;
 use bytes::Bytes;
 use fastwebsockets::{FragmentCollector, Frame, OpCode};
 use http_body_util::{BodyExt, Full};
@@ -220,6 +222,9 @@ impl Call {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let bytes = response.into_body().collect().await?.to_bytes();
+        if let Err(problem) = contract::check_http(&self.method, &self.path, status, &headers, &bytes) {
+            panic!("{problem}");
+        }
         let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok(Reply { status, headers, bytes, json })
     }
@@ -263,6 +268,8 @@ pub enum WsEvent {
 /// A real WebSocket client.
 pub struct Ws {
     ws: FragmentCollector<TokioIo<Upgraded>>,
+    /// The document's union of the messages this endpoint sends (by path), to check each against.
+    messages: Option<&'static str>,
 }
 
 impl Ws {
@@ -285,7 +292,7 @@ impl Ws {
             .unwrap();
         let (ws, response) = fastwebsockets::handshake::client(&SpawnExecutor, request, stream).await.expect("upgrade");
         assert_eq!(response.status(), 101);
-        Ws { ws: FragmentCollector::new(ws) }
+        Ws { ws: FragmentCollector::new(ws), messages: contract::ws_side(path) }
     }
 
     /// The next message or close, within `within`.
@@ -293,7 +300,13 @@ impl Ws {
         loop {
             let frame = tokio::time::timeout(within, self.ws.read_frame()).await.ok()?.ok()?;
             match frame.opcode {
-                OpCode::Text => return Some(WsEvent::Json(serde_json::from_slice(&frame.payload).expect("JSON text"))),
+                OpCode::Text => {
+                    let message: Value = serde_json::from_slice(&frame.payload).expect("JSON text");
+                    if let Some(Err(problem)) = self.messages.map(|union| contract::check_ws(union, &message)) {
+                        panic!("{problem}");
+                    }
+                    return Some(WsEvent::Json(message));
+                }
                 OpCode::Close => {
                     let code = if frame.payload.len() >= 2 {
                         u16::from_be_bytes([frame.payload[0], frame.payload[1]])

@@ -5,6 +5,7 @@
 mod accounts;
 mod admin;
 mod console;
+mod contract;
 mod edges;
 mod harness;
 mod mail;
