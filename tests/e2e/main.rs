@@ -4,6 +4,7 @@
 
 mod accounts;
 mod admin;
+mod city;
 mod edges;
 mod harness;
 mod mail;

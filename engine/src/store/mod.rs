@@ -12,7 +12,7 @@ mod memory;
 mod sqlite;
 
 pub use memory::MemoryStore;
-pub use sqlite::{SqliteStore, StoreOptions, StoreStats};
+pub use sqlite::{BulkLoader, SqliteStore, StoreOptions, StoreStats};
 
 use crate::error::Result;
 use crate::model::*;
