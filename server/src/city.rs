@@ -296,7 +296,7 @@ pub fn generate(data_dir: &DataDir, secret: &str, options: &CityOptions) -> Resu
     let scale = (options.pharmacies as f64 / REFERENCE_PHARMACIES).sqrt().max(1.0);
     let edge_km = options.edge_km.unwrap_or(REFERENCE_EDGE_KM * scale);
     let sigma_km = options.sigma_km.unwrap_or(edge_km / 4.0);
-    if !(edge_km > 0.0 && edge_km <= 2_000.0) || !(sigma_km > 0.0 && sigma_km.is_finite()) {
+    if !(edge_km > 0.0 && edge_km <= 2_000.0 && sigma_km > 0.0 && sigma_km.is_finite()) {
         return invalid("--edge-km must be in (0, 2000] and --sigma-km positive");
     }
     let shape = Shape { center: options.center, edge_km, sigma_km, dense_share: options.dense_share };
