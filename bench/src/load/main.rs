@@ -407,9 +407,21 @@ async fn execute(args: &Args, prepared: Prepared) -> Result<bool, SetupError> {
 
     let (control, watcher) = watch::channel(Control::default());
     let connect_started = Instant::now();
-    let tasks: Vec<_> =
-        (0..run.sockets).map(|slot| tokio::spawn(run::socket_task(run.clone(), slot, watcher.clone()))).collect();
+    let spawn = |slots: std::ops::Range<usize>| {
+        slots.map(|slot| tokio::spawn(run::socket_task(run.clone(), slot, watcher.clone()))).collect::<Vec<_>>()
+    };
     let sockets = run.sockets as u64;
+    // `connections` first opens a few sockets and samples the server again, so the per-socket
+    // figure can leave out one-time costs (runtime threads' stacks, first allocations, the page
+    // cache of the accounts read at admission) that the first sockets would otherwise carry.
+    let warm = if args.mode == Mode::Connections { (run.sockets / 20).clamp(1, 200) } else { 0 };
+    let mut tasks = spawn(0..warm);
+    let mut server_warm = None;
+    if warm > 0 && wait_ready(&run, warm as u64, 0, Duration::from_secs(30), "warming up").await {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        server_warm = server_pid.as_deref().and_then(stats::proc_sample);
+    }
+    tasks.extend(spawn(warm..run.sockets));
     let connect_budget = Duration::from_secs(30) + Duration::from_millis(10 * sockets);
     let all_ready = wait_ready(&run, sockets, 0, connect_budget, "connecting").await;
     let connect_s = connect_started.elapsed().as_secs_f64();
@@ -420,7 +432,8 @@ async fn execute(args: &Args, prepared: Prepared) -> Result<bool, SetupError> {
     let mut posting_s = 0.0;
     if setup_failed.is_none() {
         if args.mode == Mode::Connections {
-            extra.insert("connections".into(), hold_idle(args, &run, server_pid.as_deref(), server_before).await);
+            let measured = hold_idle(args, &run, server_pid.as_deref(), server_before, server_warm.map(|w| (warm, w)));
+            extra.insert("connections".into(), measured.await);
         } else {
             let (seconds, storm) = post_all(args, &run, &control, total).await;
             posting_s = seconds;
@@ -500,7 +513,10 @@ fn digest(s: &Value) -> String {
         create["p99_ms"],
     );
     if let Some(c) = s.get("connections") {
-        line = format!("connections: {} sockets, {} KiB of server RSS each", c["sockets"], c["kib_per_socket"]);
+        line = format!(
+            "connections: {} sockets, {} KiB of server RSS each ({} KiB each after the first {})",
+            c["sockets"], c["kib_per_socket"], c["kib_per_socket_after_warm_up"], c["warm_sockets"]
+        );
     }
     if failing.is_empty() { line } else { format!("{line}; FAILING: {}", failing.join(", ")) }
 }
@@ -510,7 +526,13 @@ fn round3(v: f64) -> f64 {
 }
 
 /// `connections`: hold the sockets idle and measure the server's RSS per socket.
-async fn hold_idle(args: &Args, run: &Run, pid: Option<&str>, before: Option<stats::ProcSample>) -> Value {
+async fn hold_idle(
+    args: &Args,
+    run: &Run,
+    pid: Option<&str>,
+    before: Option<stats::ProcSample>,
+    warm: Option<(usize, stats::ProcSample)>,
+) -> Value {
     // Let allocations settle (tasks parked, buffers at rest) before sampling.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let settled = pid.and_then(stats::proc_sample);
@@ -524,8 +546,17 @@ async fn hold_idle(args: &Args, run: &Run, pid: Option<&str>, before: Option<sta
     progress.finish();
     let held = pid.and_then(stats::proc_sample);
     let n = run.sockets as f64;
+    let marginal = match (warm, settled) {
+        (Some((w, at_warm)), Some(s)) if run.sockets > w => {
+            Some(round3((s.rss_kib as f64 - at_warm.rss_kib as f64) / (run.sockets - w) as f64))
+        }
+        _ => None,
+    };
     match (before, settled, held) {
         (Some(b), Some(s), Some(h)) => json!({
+            "warm_sockets": warm.map(|(w, _)| w),
+            "rss_kib_warm": warm.map(|(_, s)| s.rss_kib),
+            "kib_per_socket_after_warm_up": marginal,
             "sockets": run.sockets,
             "rss_kib_before": b.rss_kib,
             "rss_kib_connected": s.rss_kib,
