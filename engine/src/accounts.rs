@@ -386,6 +386,16 @@ impl Accounts {
     }
 }
 
+/// Hashes `password` with argon2id at the server's parameters, on this thread (tens of
+/// milliseconds). For tools that write accounts straight into the store, such as `generate-city`,
+/// which hashes its one load-test password once and gives every generated account that hash.
+pub fn hash_password_blocking(password: &str) -> Result<String> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(Error::field("password", "password must be at least 8 characters"));
+    }
+    hash_blocking(password)
+}
+
 fn hash_blocking(password: &str) -> Result<String> {
     argon2id()
         .hash_password(password.as_bytes())

@@ -90,6 +90,74 @@ pub enum Command {
     /// Administrative commands; they write the data dir and refuse to run while `serve` holds it.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Writes a synthetic city (accounts, approved pharmacies, optional open requests) straight
+    /// into the data dir for load tests, and long-lived tokens for its accounts into a JSON file.
+    /// Refuses to run while `serve` holds the data dir.
+    GenerateCity(Box<GenerateCityArgs>),
+}
+
+/// `sanjevani generate-city`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateCityArgs {
+    /// Pharmacies to create, each with its PHARMACY account, all approved.
+    #[arg(long, value_name = "N")]
+    pub pharmacies: usize,
+    /// CUSTOMER accounts to create.
+    #[arg(long, value_name = "M")]
+    pub customers: usize,
+    /// Seed of every random choice; emails carry it, so cities of different seeds can share a dir.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    pub seed: u64,
+    /// The city's centre.
+    #[arg(long, value_name = "LAT,LNG", default_value = "27.7172,85.3240")]
+    pub center: String,
+    /// Data dir holding the database [default: ./var] [env: SANJEVANI_DATA_DIR].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<String>,
+    /// PENDING requests to create, each with its recipients from the engine's index.
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    pub open_requests: usize,
+    /// Recipients each open request's radius is chosen for (radius 1-50 km).
+    #[arg(long, value_name = "K", default_value_t = 50)]
+    pub recipients: usize,
+    /// How long the open requests stay open.
+    #[arg(long, value_name = "DURATION", default_value = "1d")]
+    pub request_ttl: String,
+    /// The tokens file to write.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Secret signing the tokens [default: as serve resolves it: SANJEVANI_JWT_SECRET, .env, or
+    /// the data dir's generated secret].
+    #[arg(long, value_name = "SECRET")]
+    pub jwt_secret: Option<String>,
+    /// Lifetime of the minted access and refresh tokens.
+    #[arg(long, value_name = "DURATION", default_value = "7d")]
+    pub token_ttl: String,
+    /// The password every generated account shares (printed).
+    #[arg(long, value_name = "PASSWORD", default_value = crate::city::DEFAULT_PASSWORD)]
+    pub password: String,
+    /// `base_url` to write into the tokens file, e.g. http://127.0.0.1:8000.
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+    /// List only the first N pharmacies (a uniform sample) in the tokens file [default: all].
+    #[arg(long, value_name = "N")]
+    pub token_limit: Option<usize>,
+    /// Radius of the disc the city lies in, km [default: 30 × max(1, √(N / 10,000))].
+    #[arg(long, value_name = "KM")]
+    pub edge_km: Option<f64>,
+    /// Standard deviation of the dense centre, km [default: a quarter of the edge radius].
+    #[arg(long, value_name = "KM")]
+    pub sigma_km: Option<f64>,
+    /// Share of pharmacies and request locations in the dense centre (0-1).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.5)]
+    pub dense_share: f64,
+}
+
+/// Parses `lat,lng` into a validated point.
+pub fn parse_center(s: &str) -> Result<sanjevani_engine::geo::LatLng, String> {
+    let (lat, lng) = s.split_once(',').ok_or_else(|| format!("{s:?} is not LAT,LNG"))?;
+    let number = |v: &str| v.trim().parse::<f64>().map_err(|_| format!("{s:?} is not LAT,LNG"));
+    sanjevani_engine::geo::LatLng::new(number(lat)?, number(lng)?).map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// `sanjevani admin ...`.
@@ -1339,5 +1407,25 @@ mod tests {
         assert_eq!(args.name, "Admin");
         assert_eq!(args.data_dir, None);
         assert!(Cli::try_parse_from(["sanjevani", "serve", "--no-such-flag"]).is_err());
+        let cli = Cli::try_parse_from([
+            "sanjevani",
+            "generate-city",
+            "--pharmacies",
+            "1000",
+            "--customers",
+            "10",
+            "--out",
+            "t.json",
+            "--center",
+            "12.97,77.59",
+        ])
+        .unwrap();
+        let Command::GenerateCity(args) = cli.command else { panic!("not generate-city") };
+        assert_eq!((args.pharmacies, args.customers, args.seed), (1000, 10, 1));
+        assert_eq!(args.token_ttl, "7d");
+        let center = parse_center(&args.center).unwrap();
+        assert_eq!((center.lat(), center.lng()), (12.97, 77.59));
+        assert!(parse_center("91,0").is_err());
+        assert!(parse_center("12.9").is_err());
     }
 }

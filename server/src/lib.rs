@@ -6,6 +6,7 @@
 pub mod app;
 pub mod auth;
 pub mod body;
+pub mod city;
 pub mod cli;
 pub mod config;
 pub mod console;

@@ -4,7 +4,7 @@
 //! one line on stderr and a non-zero exit code.
 
 use clap::Parser;
-use sanjevani::cli::{self, AdminCommand, AdminCreateArgs, Cli, Command, ServeArgs};
+use sanjevani::cli::{self, AdminCommand, AdminCreateArgs, Cli, Command, GenerateCityArgs, ServeArgs};
 use sanjevani::datadir::DataDir;
 use sanjevani_engine::accounts::{Accounts, AccountsConfig, Registration};
 use sanjevani_engine::hub::Hub;
@@ -37,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(&runtime, *args),
         Command::Admin(AdminCommand::Create(args)) => admin_create(&runtime, args),
+        Command::GenerateCity(args) => generate_city(*args),
     };
     // Blocking work still running (a stdin read) must not keep the process alive.
     runtime.shutdown_timeout(Duration::from_secs(5));
@@ -125,6 +126,57 @@ fn admin_create(runtime: &Runtime, args: AdminCreateArgs) -> CliResult {
         })
         .map_err(|e| format!("cannot create the admin: {e}"))?;
     println!("created ADMIN id {} email {}", admin.id, admin.email);
+    drop(data_dir);
+    Ok(())
+}
+
+/// `sanjevani generate-city`: takes the data dir's lock (refused while `serve` holds it), resolves
+/// the JWT secret exactly as `serve` would, writes the city and its tokens, and prints what it did
+/// (the shared password included: these are throwaway load-test accounts).
+fn generate_city(args: GenerateCityArgs) -> CliResult {
+    use sanjevani::city::{self, CityOptions};
+    let (env, dotenv) = sources()?;
+    let serve_view =
+        ServeArgs { data_dir: args.data_dir.clone(), jwt_secret: args.jwt_secret.clone(), ..Default::default() };
+    let resolved = cli::resolve_noted(serve_view, &env, &dotenv)?;
+    let data_dir = DataDir::open(&resolved.config.data_dir)?;
+    let secret = data_dir.jwt_secret(resolved.config.jwt_secret.as_deref())?;
+    let duration = |flag: &str, value: &str| cli::parse_duration(value).map_err(|e| format!("--{flag} {value:?} {e}"));
+    let options = CityOptions {
+        pharmacies: args.pharmacies,
+        customers: args.customers,
+        seed: args.seed,
+        center: cli::parse_center(&args.center).map_err(|e| format!("--center {e}"))?,
+        edge_km: args.edge_km,
+        sigma_km: args.sigma_km,
+        dense_share: args.dense_share,
+        open_requests: args.open_requests,
+        recipients: args.recipients,
+        request_ttl: duration("request-ttl", &args.request_ttl)?,
+        password: args.password,
+        token_ttl: duration("token-ttl", &args.token_ttl)?,
+        token_limit: args.token_limit,
+        base_url: args.base_url,
+        out: args.out,
+    };
+    let report = city::generate(&data_dir, &secret, &options)?;
+    println!(
+        "generated {} pharmacies and {} customers (seed {}, edge {:.1} km, core sigma {:.1} km), {} open requests \
+         with {} recipients, in {:.1} s; tokens for {} customers and {} pharmacies in {} ({:.1} s)",
+        report.pharmacies,
+        report.customers,
+        options.seed,
+        report.edge_km,
+        report.sigma_km,
+        report.open_requests,
+        report.recipients,
+        report.database.as_secs_f64(),
+        report.customers,
+        report.pharmacy_tokens,
+        options.out.display(),
+        report.tokens.as_secs_f64(),
+    );
+    println!("every generated account's password: {}", options.password);
     drop(data_dir);
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 mod accounts;
 mod admin;
+mod city;
 mod console;
 mod contract;
 mod edges;

@@ -13,7 +13,8 @@ mod sqlite;
 
 pub use memory::MemoryStore;
 pub use sqlite::{
-    BATCH_SIZE_BOUNDS, Buckets, COMMIT_MICROS_BOUNDS, CommitHistograms, SqliteStore, StoreOptions, StoreStats,
+    BATCH_SIZE_BOUNDS, Buckets, BulkLoader, COMMIT_MICROS_BOUNDS, CommitHistograms, SqliteStore, StoreOptions,
+    StoreStats,
 };
 
 use crate::error::Result;

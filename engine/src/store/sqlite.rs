@@ -1129,6 +1129,73 @@ fn load_live_requests(c: &Connection, closed_since: UnixMs) -> rusqlite::Result<
     Ok(snapshots)
 }
 
+// ---- bulk loading ----
+
+/// One transaction on its own connection for tools that write a whole data set at once (the
+/// `generate-city` load-test data), bypassing the write queue: the rows a million-pharmacy city
+/// needs would otherwise be a million queued commands. It opens the file as the store does (WAL,
+/// `synchronous=FULL`, foreign keys), applies the same migrations, and writes through the same
+/// statements the store's commands use, so the rows are exactly what the running server would
+/// have written. Nothing is visible to others until [`commit`](BulkLoader::commit); dropping the
+/// loader rolls everything back. Callers must hold the data dir's lock, so that no server writes
+/// the file meanwhile.
+pub struct BulkLoader {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    /// Opens the database at `path` (creating and migrating it if needed) for one bulk
+    /// transaction. Synchronous: call it outside the runtime.
+    pub fn bulk_loader(path: &Path) -> Result<BulkLoader> {
+        let mut conn = open_writer(path).map_err(|e| Error::store("open the database", e))?;
+        migrate(&mut conn).map_err(|e| Error::store("migrate the database", e))?;
+        // A big load stays in memory until COMMIT instead of spilling half-written pages into
+        // the WAL as it goes (256 MiB; SQLite allocates it only as pages are used).
+        conn.pragma_update(None, "cache_size", -262_144).map_err(|e| Error::store("size the page cache", e))?;
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| Error::store("begin the bulk load", e))?;
+        Ok(BulkLoader { conn })
+    }
+}
+
+impl BulkLoader {
+    /// Creates an account, as [`Store::insert_user`] does. A taken email → `Error::Conflict`.
+    pub fn insert_user(&self, user: NewUser) -> Result<User> {
+        insert_user(&self.conn, user)
+    }
+
+    /// Creates a PHARMACY account and its pharmacy, as [`Store::insert_pharmacy_user`] does.
+    pub fn insert_pharmacy_user(&self, user: NewUser, pharmacy: NewPharmacy) -> Result<(User, Pharmacy)> {
+        insert_pharmacy_user(&self.conn, user, pharmacy)
+    }
+
+    /// Stores a PENDING request and its recipients (nearest first), as
+    /// [`Store::create_request`] does.
+    pub fn create_request(&self, req: NewRequest, recipients: Vec<Recipient>) -> Result<Created> {
+        create_request(&self.conn, req, recipients)
+    }
+
+    /// Every pharmacy already in the file (including this transaction's), by id.
+    pub fn pharmacies(&self) -> Result<Vec<Pharmacy>> {
+        let fail = |e| Error::store("load pharmacies", e);
+        let mut s = self
+            .conn
+            .prepare_cached(concat!("SELECT ", pharmacy_columns!(""), " FROM pharmacies ORDER BY id"))
+            .map_err(fail)?;
+        let rows = s.query_map([], pharmacy_row).map_err(fail)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(fail)
+    }
+
+    /// Commits everything (one fsync) and folds the WAL into the main file, so the server's
+    /// next start reads one tidy file.
+    pub fn commit(self) -> Result<()> {
+        self.conn.execute_batch("COMMIT").map_err(|e| Error::store("commit the bulk load", e))?;
+        if let Err(e) = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)) {
+            tracing::warn!(%e, "checkpoint after the bulk load failed; the server will replay the WAL");
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_user(&self, user: NewUser) -> Result<User> {
