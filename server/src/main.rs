@@ -76,7 +76,7 @@ fn serve(runtime: &Runtime, args: ServeArgs) -> CliResult {
     let config = cli::resolve(args, &env, &dotenv)?;
     runtime.block_on(async move {
         let bind = config.bind;
-        let listener = TcpListener::bind(bind).await.map_err(|e| format!("cannot listen on {bind}: {e}"))?;
+        let listener = listen(bind).map_err(|e| format!("cannot listen on {bind}: {e}"))?;
         let shutdown = shutdown_signal().map_err(|e| format!("cannot watch for SIGINT/SIGTERM: {e}"))?;
         sanjevani::run(listener, config, shutdown).await?;
         tracing::info!("stopped");
@@ -179,6 +179,15 @@ fn generate_city(args: GenerateCityArgs) -> CliResult {
     println!("every generated account's password: {}", options.password);
     drop(data_dir);
     Ok(())
+}
+
+/// Binds with a deep accept backlog: std's default of 128 makes a burst of reconnecting devices
+/// (a mobile network coming back) wait a one-second SYN retry each.
+fn listen(bind: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if bind.is_ipv6() { tokio::net::TcpSocket::new_v6()? } else { tokio::net::TcpSocket::new_v4()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(bind)?;
+    socket.listen(4096)
 }
 
 /// The password from the first line of standard input (without its line ending).

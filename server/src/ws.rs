@@ -355,26 +355,27 @@ async fn write_loop(
 ) -> Ended {
     const GONE: Ended = (ABNORMAL, ClosedBy::Client);
     let Session { subscription, hello, backlog } = session;
-    let mut out = Vec::with_capacity(16 * 1024);
+    // Buffers start empty and are trimmed after a burst: an idle socket costs little memory.
+    let mut out = Vec::new();
     encode_text(&mut out, &hello);
-    for frame in &backlog {
-        encode_text(&mut out, frame);
-        if out.len() >= 64 * 1024 && socket.write_all(&out).await.is_err() {
-            return GONE;
-        }
+    for frame in backlog {
+        encode_text(&mut out, &frame);
         if out.len() >= 64 * 1024 {
-            out.clear();
+            if socket.write_all(&out).await.is_err() {
+                return GONE;
+            }
+            settle(&mut out);
         }
     }
     if socket.write_all(&out).await.is_err() {
         return GONE;
     }
-    out.clear();
+    settle(&mut out);
 
     let idle_ms = app.config.ws_idle.as_millis() as u64;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + app.config.ws_ping, app.config.ws_ping);
-    let mut batch: Vec<Outbound> = Vec::with_capacity(64);
-    let mut scratch = Vec::with_capacity(1024);
+    let mut batch: Vec<Outbound> = Vec::new();
+    let mut scratch = Vec::new();
     loop {
         tokio::select! {
             biased;
@@ -399,7 +400,7 @@ async fn write_loop(
                 if socket.write_all(&out).await.is_err() {
                     return GONE;
                 }
-                out.clear();
+                settle(&mut out);
             }
             close = subscription.recv(&mut batch) => {
                 let frames = batch.len() as u64;
@@ -414,7 +415,10 @@ async fn write_loop(
                             return GONE;
                         }
                         app.stats.delivered.fetch_add(frames, Ordering::Relaxed);
-                        out.clear();
+                        settle(&mut out);
+                        if batch.capacity() > 256 {
+                            batch.shrink_to(64);
+                        }
                     }
                     Some(close) => {
                         encode_close(&mut out, close.code, close.reason);
@@ -437,9 +441,17 @@ async fn write_loop(
                 if socket.write_all(&out).await.is_err() {
                     return GONE;
                 }
-                out.clear();
+                settle(&mut out);
             }
         }
+    }
+}
+
+/// Empties the write buffer, giving back memory a burst made it take.
+fn settle(out: &mut Vec<u8>) {
+    out.clear();
+    if out.capacity() > 16 * 1024 {
+        out.shrink_to(4 * 1024);
     }
 }
 
