@@ -426,6 +426,8 @@ struct State {
     seq: u64,
     /// Whether a rebuild thread is at work.
     rebuilding: bool,
+    /// Snapshots swapped in by rebuilds (for tests and curiosity).
+    rebuilds: u64,
 }
 
 /// How rebuilds run: on their own thread in production, in the writer's call in some tests (so
@@ -488,6 +490,7 @@ impl State {
             cards: by_id,
             seq: 0,
             rebuilding: false,
+            rebuilds: 0,
         }
     }
 
@@ -665,6 +668,7 @@ impl State {
         self.touched = touched;
         self.stale = stale;
         self.stale_count = stale_count;
+        self.rebuilds += 1;
         (
             std::mem::replace(&mut self.snapshot, Arc::new(fresh)),
             std::mem::replace(&mut self.overlay, RTree::bulk_load_with_params(overlay)),
@@ -1338,7 +1342,11 @@ mod tests {
                 std::thread::spawn(move || {
                     // Each writer owns the ids ≡ w (mod WRITERS), so its own model is exact.
                     let mut mine: Model = BTreeMap::new();
-                    for round in 0..6_000i64 {
+                    // At least 6,000 changes each, and on until rebuilds have raced them a few times.
+                    for round in 0..1_000_000i64 {
+                        if round >= 6_000 && round % 100 == 0 && index.shared.state.read().rebuilds >= 8 {
+                            break;
+                        }
                         let id = (round * 7919 % 25_000) / WRITERS * WRITERS + w;
                         let at = (27.6 + (round % 173) as f64 * 1.1e-3, 85.2 + (round % 97) as f64 * 2.1e-3);
                         if round % 5 == 0 {
@@ -1390,6 +1398,8 @@ mod tests {
             assert!(reader.join().unwrap() >= 100);
         }
         settle(&index);
+        let rebuilds = index.shared.state.read().rebuilds;
+        assert!(rebuilds >= 8, "only {rebuilds} rebuilds");
         let queries: Vec<_> = (0..30).map(|i| (27.6 + i as f64 * 7e-3, 85.2 + i as f64 * 7e-3, 2.0)).collect();
         check_against_model(&index, &model, &queries);
     }
