@@ -18,6 +18,10 @@
 //! nodes and a few runs of adjacent slots. It picks the leaves a node's children hold before it
 //! scans any and prefetches their slots, so their cache misses overlap. Points are always tested
 //! exactly in `f64`; the coarser boxes can only make a query look at a few more of them.
+//! Measured back to back on the benchmark's city (`radius_query/rtree`, quiet 2-core machine):
+//! 7.4 µs against 21.8 µs for rstar's own tree at 1M, 1.06 against 2.14 µs at 100k; at 1k, where
+//! everything is in cache and a query has under one hit, 205 against 161 ns (the `f32` boxes and
+//! the branch-free append cost more there than the misses they save).
 //!
 //! **Sorting.** The hits (~310 at 1 km in the benchmark's city) are ordered by a counting sort on
 //! the squared chord followed by an insertion sort, exact and about twice as fast as
