@@ -87,6 +87,22 @@ pub struct NewUser {
     pub created_at: UnixMs,
 }
 
+impl NewUser {
+    /// The stored account this becomes with `id` and its normalised `email`.
+    pub fn into_user(self, id: UserId, email: String) -> User {
+        User {
+            id,
+            email,
+            password_hash: self.password_hash,
+            name: self.name,
+            phone_number: self.phone_number,
+            role: self.role,
+            email_verified: self.email_verified,
+            created_at: self.created_at,
+        }
+    }
+}
+
 /// A stored pharmacy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pharmacy {

@@ -61,16 +61,7 @@ impl State {
         if self.user_by_email.contains_key(&email) {
             return Err(email_taken());
         }
-        let user = User {
-            id: next(&mut self.next_user),
-            email,
-            password_hash: user.password_hash,
-            name: user.name,
-            phone_number: user.phone_number,
-            role: user.role,
-            email_verified: user.email_verified,
-            created_at: user.created_at,
-        };
+        let user = user.into_user(next(&mut self.next_user), email);
         self.user_by_email.insert(user.email.clone(), user.id);
         self.users.insert(user.id, user.clone());
         Ok(user)

@@ -766,16 +766,7 @@ fn insert_user(c: &Connection, user: NewUser) -> Result<User> {
         ])
     })
     .map_err(|e| if is_unique_violation(&e) { email_taken() } else { Error::store("insert a user", e) })?;
-    Ok(User {
-        id: c.last_insert_rowid(),
-        email,
-        password_hash: user.password_hash,
-        name: user.name,
-        phone_number: user.phone_number,
-        role: user.role,
-        email_verified: user.email_verified,
-        created_at: user.created_at,
-    })
+    Ok(user.into_user(c.last_insert_rowid(), email))
 }
 
 fn insert_pharmacy_user(c: &Connection, user: NewUser, pharmacy: NewPharmacy) -> Result<(User, Pharmacy)> {
