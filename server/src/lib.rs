@@ -123,6 +123,8 @@ async fn recover(app: Arc<App>, local: std::net::SocketAddr) {
             }
         }
         app.set_ready(lifecycle);
+        // The index may have grown since it was loaded (the demo registers pharmacies).
+        let approved = app.index.len();
         tracing::info!(approved, pending, millis = started.elapsed().as_millis() as u64, "ready");
         Ok(())
     }
