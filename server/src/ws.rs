@@ -332,8 +332,8 @@ async fn read_frames(
     }
 }
 
-/// The answer to a client text message.
-fn answer(text: &str) -> Bytes {
+/// The answer to a client text message (public for the fuzz targets and their corpus replay).
+pub fn answer(text: &str) -> Bytes {
     #[derive(serde::Deserialize)]
     struct ClientMessage {
         r#type: String,
