@@ -1,15 +1,19 @@
 //! WebSockets. The token is checked during the upgrade, and the upgrade always completes (101) so
 //! that browsers see the close code: a rejected client gets its close frame (4001, 4003, 4004)
-//! as the first frame. An accepted socket is split into two tasks joined by a channel:
+//! as the first frame. An accepted socket is one task that owns the socket:
 //!
-//! - the reader (fastwebsockets' `WebSocketRead`, never inside `select!`, since `read_frame` is
-//!   not cancel-safe) answers client pings and `{"type":"ping"}`, reassembles fragments up to
-//!   64 KiB (1009 past that; 1007 for invalid UTF-8) and records when the client was last heard;
-//! - the writer owns the socket's write half. It writes `connection`, then the replay and `sync`
-//!   (with back-pressure, outside the live queue), then drains the hub's queue: every message
-//!   queued since its last write leaves in one `write` call, frames encoded here (server frames
-//!   are unmasked, so encoding is a header and a copy). fastwebsockets' writer sends one frame
-//!   per call, which at 150,000 deliveries/s would be one syscall per message.
+//! - it writes `connection`, then the replay and `sync` (with back-pressure, outside the live
+//!   queue), then loops over three things: the socket becoming readable, the hub's queue, and the
+//!   ping timer;
+//! - reading is `readable()` then `try_read` into a stack buffer, parsed by [`frames`] (our own
+//!   parser: fragments reassembled up to 64 KiB, 1009 past that, 1007 for invalid UTF-8, 1002 for
+//!   protocol errors). Both are cancel-safe, so they sit in the same `select!` as the queue, and an
+//!   idle socket holds no read buffer, no second task and no channel — about 9 KiB less per socket
+//!   than fastwebsockets' reader task with its 8 KiB buffer;
+//! - every message queued since the last write leaves in one `write` call, frames encoded here
+//!   (server frames are unmasked, so encoding is a header and a copy). fastwebsockets' writer sends
+//!   one frame per call, which at 150,000 deliveries/s would be one syscall per message.
+//!   fastwebsockets still does the handshake.
 //!
 //! The subscription is registered before the snapshot is read, so no message falls between.
 //! A queue that overflows closes its socket with 4008 (best effort within 1 s, then dropped);
@@ -22,7 +26,7 @@ use crate::auth::TokenType;
 use crate::http::{Body, WatchedStream};
 use crate::metrics::ClosedBy;
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Role as WsRole, WebSocketError};
+use fastwebsockets::OpCode;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -32,11 +36,14 @@ use sanjevani_engine::hub::{Audience, Close, Outbound, Subscription};
 use sanjevani_engine::message;
 use sanjevani_engine::model::Role;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
+
+pub mod frames;
+
+use frames::{Event, FrameReader};
 
 /// Which endpoint a socket connected to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,8 +54,7 @@ pub enum Side {
     Pharmacy,
 }
 
-/// Largest client message after reassembly.
-pub const MAX_MESSAGE: usize = 64 * 1024;
+pub use frames::MAX_MESSAGE;
 /// Kernel send buffer of a WebSocket, so that a stalled client is noticed.
 pub const SEND_BUFFER: usize = 256 * 1024;
 /// How long a closing socket may take to flush its backlog and close frame.
@@ -163,78 +169,42 @@ struct Session {
     backlog: Vec<Bytes>,
 }
 
-/// What the reader asks the writer to send.
-enum Control {
-    /// A WebSocket pong with this payload.
-    Pong(Vec<u8>),
-    /// A text message (`pong`, `error`).
-    Text(Bytes),
-    /// Close with this code and end.
-    Close(u16, &'static str),
-    /// Echo the client's close frame and end.
-    CloseReply(Vec<u8>),
-    /// The client went away: end without a close frame.
-    Gone,
-}
-
-async fn run_socket(app: Arc<App>, stream: tokio::net::TcpStream, read_buf: Bytes, session: Result<Session, Close>) {
+async fn run_socket(app: Arc<App>, mut stream: TcpStream, read_buf: Bytes, session: Result<Session, Close>) {
     let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
     let _ = stream.set_nodelay(true);
-    let (read_half, mut write_half) = stream.into_split();
     let session = match session {
         Ok(session) => session,
         Err(close) => {
             app.stats.ws_disconnects.count(close.code, ClosedBy::Server);
             let mut out = Vec::new();
             encode_close(&mut out, close.code, close.reason);
-            let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                let _ = write_half.write_all(&out).await;
-                let _ = write_half.shutdown().await;
-            })
-            .await;
+            finish(&mut stream, &out).await;
             return;
         }
     };
-    let last_heard = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let (control_tx, control_rx) = mpsc::channel::<Control>(64);
-    let reader = {
-        let (control_tx, last_heard) = (control_tx.clone(), last_heard.clone());
-        let reader = SharedRead(Arc::new(parking_lot::Mutex::new(std::io::Cursor::new(read_buf).chain(read_half))));
-        tokio::spawn(read_loop(reader, control_tx, last_heard, started))
-    };
-    let (code, by) = write_loop(&app, write_half, session, control_rx, last_heard, started).await;
+    let mut frames = FrameReader::new();
+    frames.push(&read_buf);
+    drop(read_buf);
+    let (code, by) = serve(&app, &mut stream, session, frames).await;
     app.stats.ws_disconnects.count(code, by);
-    // Give the reader a moment to see the client's close (or drain what it sent), so the socket is
-    // not closed with unread bytes, which would reset it before the client reads our close frame.
-    let abort = reader.abort_handle();
-    if tokio::time::timeout(CLOSE_GRACE, reader).await.is_err() {
-        abort.abort();
+    if (code, by) != GONE {
+        drain(&mut stream).await;
     }
 }
 
-type ReadSide = tokio::io::Chain<std::io::Cursor<Bytes>, tokio::net::tcp::OwnedReadHalf>;
+/// A socket whose client vanished without a close frame.
+const GONE: Ended = (ABNORMAL, ClosedBy::Client);
+/// Bytes read per wake-up, into a buffer on the stack: client frames are small, so one read
+/// usually holds all of them, and a larger message simply takes several.
+const READ_CHUNK: usize = 2048;
 
-/// The read side, shared so that the reader can drain it after fastwebsockets gives up on it.
-#[derive(Clone)]
-struct SharedRead(Arc<parking_lot::Mutex<ReadSide>>);
-
-impl tokio::io::AsyncRead for SharedRead {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let mut inner = self.0.lock();
-        std::pin::Pin::new(&mut *inner).poll_read(cx, buf)
-    }
-}
-
-/// Reads and discards until the client closes, for at most the close grace.
-async fn drain(mut reader: SharedRead) {
-    let mut sink = vec![0u8; 16 * 1024];
+/// After our close frame: reads and discards until the client closes, for at most the close
+/// grace, so that the socket is not closed with unread bytes (which would reset it before the
+/// client reads the close frame).
+async fn drain(stream: &mut TcpStream) {
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        while let Ok(n) = reader.read(&mut sink).await {
+        let mut sink = [0u8; READ_CHUNK];
+        while let Ok(n) = stream.read(&mut sink).await {
             if n == 0 {
                 break;
             }
@@ -243,91 +213,118 @@ async fn drain(mut reader: SharedRead) {
     .await;
 }
 
-async fn read_loop(reader: SharedRead, control: mpsc::Sender<Control>, last_heard: Arc<AtomicU64>, started: Instant) {
-    read_frames(reader.clone(), &control, last_heard, started).await;
-    drain(reader).await;
-}
-
-async fn read_frames(
-    reader: SharedRead,
-    control: &mpsc::Sender<Control>,
-    last_heard: Arc<AtomicU64>,
-    started: Instant,
-) {
-    let (mut ws, _) = fastwebsockets::after_handshake_split(reader, tokio::io::sink(), WsRole::Server);
-    ws.set_max_message_size(MAX_MESSAGE + 1);
-    let mut message: Option<(OpCode, Vec<u8>)> = None;
-    loop {
-        let mut obligated = |frame: Frame<'_>| {
-            let control = control.clone();
-            let reply = match frame.opcode {
-                OpCode::Pong => Control::Pong(frame.payload.to_vec()),
-                OpCode::Close => Control::CloseReply(frame.payload.to_vec()),
-                _ => Control::Close(1002, "protocol error"),
-            };
-            async move { control.send(reply).await.map_err(|_| std::io::Error::other("writer gone")) }
-        };
-        let frame = match ws.read_frame(&mut obligated).await {
-            Ok(frame) => frame,
-            Err(error) => {
-                let (code, reason) = match error {
-                    WebSocketError::InvalidUTF8 => (1007, "invalid UTF-8"),
-                    WebSocketError::FrameTooLarge => (1009, "message too big"),
-                    WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::SendError(_) => {
-                        let _ = control.send(Control::Gone).await;
-                        return;
-                    }
-                    _ => (1002, "protocol error"),
-                };
-                let _ = control.send(Control::Close(code, reason)).await;
-                return;
+/// The connection's life after `connection`: the replay and `sync`, then one loop that reads
+/// client frames, writes the hub's queue and pings.
+async fn serve(app: &App, stream: &mut TcpStream, session: Session, mut frames: FrameReader) -> Ended {
+    let Session { subscription, hello, backlog } = session;
+    // Buffers start empty and are trimmed after a burst: an idle socket costs little memory.
+    let mut out = Vec::new();
+    encode_text(&mut out, &hello);
+    for frame in backlog {
+        encode_text(&mut out, &frame);
+        if out.len() >= 64 * 1024 {
+            if stream.write_all(&out).await.is_err() {
+                return GONE;
             }
-        };
-        last_heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let (opcode, payload) = match frame.opcode {
-            OpCode::Close => return,
-            OpCode::Ping | OpCode::Pong => continue,
-            OpCode::Text | OpCode::Binary if frame.fin && message.is_none() => (frame.opcode, frame.payload.to_vec()),
-            OpCode::Text | OpCode::Binary if message.is_none() => {
-                message = Some((frame.opcode, frame.payload.to_vec()));
-                continue;
-            }
-            OpCode::Continuation if message.is_some() => {
-                let Some((_, buffer)) = message.as_mut() else { continue };
-                buffer.extend_from_slice(&frame.payload);
-                if buffer.len() > MAX_MESSAGE {
-                    let _ = control.send(Control::Close(1009, "message too big")).await;
-                    return;
-                }
-                if !frame.fin {
-                    continue;
-                }
-                match message.take() {
-                    Some(done) => done,
-                    None => continue,
-                }
-            }
-            _ => {
-                let _ = control.send(Control::Close(1002, "protocol error")).await;
-                return;
-            }
-        };
-        if payload.len() > MAX_MESSAGE {
-            let _ = control.send(Control::Close(1009, "message too big")).await;
-            return;
+            settle(&mut out);
         }
-        let reply = match opcode {
-            OpCode::Text => match std::str::from_utf8(&payload) {
-                Err(_) => {
-                    let _ = control.send(Control::Close(1007, "invalid UTF-8")).await;
-                    return;
+    }
+    if stream.write_all(&out).await.is_err() {
+        return GONE;
+    }
+    settle(&mut out);
+
+    let mut last_heard = Instant::now();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + app.config.ws_ping, app.config.ws_ping);
+    let mut batch: Vec<Outbound> = Vec::new();
+    let mut scratch = Vec::new();
+    loop {
+        // Answer every complete frame received so far (the upgrade's leftover bytes at first).
+        loop {
+            match frames.next_event() {
+                Ok(None) => break,
+                Ok(Some(Event::Text(text))) => encode_text(&mut out, &answer(&text)),
+                Ok(Some(Event::Binary(_))) => {
+                    encode_text(&mut out, &message::error("Binary frames are not supported; send JSON text"))
                 }
-                Ok(text) => answer(text),
-            },
-            _ => message::error("Binary frames are not supported; send JSON text"),
-        };
-        if control.send(Control::Text(reply)).await.is_err() {
-            return;
+                Ok(Some(Event::Ping(payload))) => encode_frame(&mut out, OpCode::Pong, &payload),
+                Ok(Some(Event::Pong)) => {}
+                Ok(Some(Event::Close(payload))) => {
+                    encode_frame(&mut out, OpCode::Close, &payload);
+                    finish(stream, &out).await;
+                    // A close frame without a status code is "no status received".
+                    let code = payload.get(..2).map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
+                    return (code, ClosedBy::Client);
+                }
+                Err(violation) => {
+                    encode_close(&mut out, violation.code, violation.reason);
+                    finish(stream, &out).await;
+                    return (violation.code, ClosedBy::Server);
+                }
+            }
+        }
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return GONE;
+            }
+            settle(&mut out);
+        }
+        tokio::select! {
+            biased;
+            ready = stream.readable() => {
+                if ready.is_err() {
+                    return GONE;
+                }
+                let mut chunk = [0u8; READ_CHUNK];
+                match stream.try_read(&mut chunk) {
+                    Ok(0) => return GONE,
+                    Ok(n) => {
+                        last_heard = Instant::now();
+                        frames.push(&chunk[..n]);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return GONE,
+                }
+            }
+            close = subscription.recv(&mut batch) => {
+                let count = batch.len() as u64;
+                for msg in batch.drain(..) {
+                    scratch.clear();
+                    msg.write_to(&mut scratch);
+                    encode_text(&mut out, &scratch);
+                }
+                match close {
+                    None => {
+                        if stream.write_all(&out).await.is_err() {
+                            return GONE;
+                        }
+                        app.stats.delivered.fetch_add(count, Ordering::Relaxed);
+                        settle(&mut out);
+                        if batch.capacity() > 256 {
+                            batch.shrink_to(64);
+                        }
+                    }
+                    Some(close) => {
+                        encode_close(&mut out, close.code, close.reason);
+                        if finish(stream, &out).await {
+                            app.stats.delivered.fetch_add(count, Ordering::Relaxed);
+                        }
+                        return (close.code, ClosedBy::Server);
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= app.config.ws_idle {
+                    encode_close(&mut out, 1000, "idle");
+                    finish(stream, &out).await;
+                    return (1000, ClosedBy::Server);
+                }
+                encode_frame(&mut out, OpCode::Ping, b"");
+                if stream.write_all(&out).await.is_err() {
+                    return GONE;
+                }
+                settle(&mut out);
+            }
         }
     }
 }
@@ -345,108 +342,6 @@ pub fn answer(text: &str) -> Bytes {
     }
 }
 
-async fn write_loop(
-    app: &App,
-    mut socket: OwnedWriteHalf,
-    session: Session,
-    mut control: mpsc::Receiver<Control>,
-    last_heard: Arc<AtomicU64>,
-    started: Instant,
-) -> Ended {
-    const GONE: Ended = (ABNORMAL, ClosedBy::Client);
-    let Session { subscription, hello, backlog } = session;
-    // Buffers start empty and are trimmed after a burst: an idle socket costs little memory.
-    let mut out = Vec::new();
-    encode_text(&mut out, &hello);
-    for frame in backlog {
-        encode_text(&mut out, &frame);
-        if out.len() >= 64 * 1024 {
-            if socket.write_all(&out).await.is_err() {
-                return GONE;
-            }
-            settle(&mut out);
-        }
-    }
-    if socket.write_all(&out).await.is_err() {
-        return GONE;
-    }
-    settle(&mut out);
-
-    let idle_ms = app.config.ws_idle.as_millis() as u64;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + app.config.ws_ping, app.config.ws_ping);
-    let mut batch: Vec<Outbound> = Vec::new();
-    let mut scratch = Vec::new();
-    loop {
-        tokio::select! {
-            biased;
-            request = control.recv() => {
-                match request {
-                    Some(Control::Pong(payload)) => encode_frame(&mut out, OpCode::Pong, &payload),
-                    Some(Control::Text(text)) => encode_text(&mut out, &text),
-                    Some(Control::CloseReply(payload)) => {
-                        encode_frame(&mut out, OpCode::Close, &payload);
-                        finish(&mut socket, &out).await;
-                        // A close frame without a status code is "no status received".
-                        let code = payload.get(..2).map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
-                        return (code, ClosedBy::Client);
-                    }
-                    Some(Control::Gone) | None => return GONE,
-                    Some(Control::Close(code, reason)) => {
-                        encode_close(&mut out, code, reason);
-                        finish(&mut socket, &out).await;
-                        return (code, ClosedBy::Server);
-                    }
-                }
-                if socket.write_all(&out).await.is_err() {
-                    return GONE;
-                }
-                settle(&mut out);
-            }
-            close = subscription.recv(&mut batch) => {
-                let frames = batch.len() as u64;
-                for msg in batch.drain(..) {
-                    scratch.clear();
-                    msg.write_to(&mut scratch);
-                    encode_text(&mut out, &scratch);
-                }
-                match close {
-                    None => {
-                        if socket.write_all(&out).await.is_err() {
-                            return GONE;
-                        }
-                        app.stats.delivered.fetch_add(frames, Ordering::Relaxed);
-                        settle(&mut out);
-                        if batch.capacity() > 256 {
-                            batch.shrink_to(64);
-                        }
-                    }
-                    Some(close) => {
-                        encode_close(&mut out, close.code, close.reason);
-                        if finish(&mut socket, &out).await {
-                            app.stats.delivered.fetch_add(frames, Ordering::Relaxed);
-                        }
-                        return (close.code, ClosedBy::Server);
-                    }
-                }
-            }
-            _ = ping.tick() => {
-                let heard = last_heard.load(Ordering::Relaxed);
-                let silent = (started.elapsed().as_millis() as u64).saturating_sub(heard);
-                if silent >= idle_ms {
-                    encode_close(&mut out, 1000, "idle");
-                    finish(&mut socket, &out).await;
-                    return (1000, ClosedBy::Server);
-                }
-                encode_frame(&mut out, OpCode::Ping, b"");
-                if socket.write_all(&out).await.is_err() {
-                    return GONE;
-                }
-                settle(&mut out);
-            }
-        }
-    }
-}
-
 /// Empties the write buffer, giving back memory a burst made it take.
 fn settle(out: &mut Vec<u8>) {
     out.clear();
@@ -456,7 +351,7 @@ fn settle(out: &mut Vec<u8>) {
 }
 
 /// Writes the last bytes and the close frame within the grace period; true if all were written.
-async fn finish(socket: &mut OwnedWriteHalf, out: &[u8]) -> bool {
+async fn finish(socket: &mut TcpStream, out: &[u8]) -> bool {
     tokio::time::timeout(CLOSE_GRACE, async {
         let written = socket.write_all(out).await.is_ok();
         let _ = socket.shutdown().await;

@@ -79,7 +79,7 @@ struct Args {
     /// `connections`).
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
-    /// Handshakes in flight at once. Keep it at or below the server's listen backlog (128 here):
+    /// Handshakes in flight at once. Keep it at or below the server's listen backlog (4096):
     /// beyond it the kernel drops SYNs and those clients retry a second later.
     #[arg(long, value_name = "N", default_value_t = 100)]
     connect_concurrency: usize,
