@@ -202,6 +202,9 @@ async fn pharmacy_updates_and_approval(store: Arc<dyn Store>) {
         .insert_pharmacy_user(new_user("p@example.com", Role::Pharmacy), new_pharmacy("Old Name", false))
         .await
         .unwrap();
+    // Read first, so that a store caching these reads must see the writes below.
+    assert_eq!(store.pharmacy_by_user(user.id).await.unwrap(), Some(pharmacy.clone()));
+    assert_eq!(store.user_by_id(user.id).await.unwrap(), Some(user.clone()));
 
     let moved = store
         .update_pharmacy(pharmacy.id, PharmacyPatch { name: None, location: Some(at(28.2, 83.98)), phone_number: None })
@@ -222,13 +225,17 @@ async fn pharmacy_updates_and_approval(store: Arc<dyn Store>) {
     assert_eq!(store.pharmacy_by_id(pharmacy.id).await.unwrap(), Some(renamed.clone()));
     let owner = store.user_by_id(user.id).await.unwrap().unwrap();
     assert_eq!(owner.phone_number, "9822222222", "the phone lives on the owner");
+    assert_eq!(store.pharmacy_by_user(user.id).await.unwrap(), Some(renamed.clone()));
 
     let approved = store.set_pharmacy_approved(pharmacy.id, true).await.unwrap();
     assert!(approved.approved);
     assert_eq!(approved, Pharmacy { approved: true, ..renamed });
+    assert_eq!(store.pharmacy_by_id(pharmacy.id).await.unwrap(), Some(approved.clone()), "by id");
+    assert_eq!(store.pharmacy_by_user(user.id).await.unwrap(), Some(approved.clone()));
     let suspended = store.set_pharmacy_approved(pharmacy.id, false).await.unwrap();
     assert!(!suspended.approved);
-    assert_eq!(store.pharmacy_by_id(pharmacy.id).await.unwrap(), Some(suspended));
+    assert_eq!(store.pharmacy_by_id(pharmacy.id).await.unwrap(), Some(suspended.clone()));
+    assert_eq!(store.pharmacy_by_user(user.id).await.unwrap(), Some(suspended));
 
     assert!(is_not_found(store.update_pharmacy(999, PharmacyPatch::default()).await));
     assert!(is_not_found(store.set_pharmacy_approved(999, true).await));
@@ -268,6 +275,7 @@ async fn otp_match_consumes_and_verifies(store: Arc<dyn Store>) {
     let email = "otp@example.com";
     let user = store.insert_user(new_user(email, Role::Customer)).await.unwrap();
     assert!(!store.email_verified(email).await.unwrap());
+    assert!(!store.user_by_id(user.id).await.unwrap().unwrap().email_verified, "read before the check");
 
     // Attempts start at 0 whatever the record says.
     store.put_otp(OtpRecord { attempts: 3, ..otp(email, "hash-1", T0) }).await.unwrap();

@@ -269,6 +269,68 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<ReadPool>,
     counters: Arc<Counters>,
+    cache: AccountCache,
+}
+
+/// Accounts and pharmacies by user id, which every authenticated call looks up (a read on the
+/// blocking pool each, 2 for a pharmacy's accept, before this cache). Rows are cached as read and
+/// the whole cache is dropped after any write that can change a user or a pharmacy (profile,
+/// approval, email verification: rare). A read that started before such a write may not fill the
+/// cache after it: the epoch, bumped by every invalidation, is checked under the same lock.
+#[derive(Default)]
+struct AccountCache {
+    state: Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    epoch: u64,
+    users: FxHashMap<UserId, User>,
+    pharmacies: FxHashMap<UserId, Pharmacy>,
+}
+
+/// Entries per map before the cache starts over (bounds its memory at ~100 MB for users).
+const CACHE_LIMIT: usize = 500_000;
+
+impl AccountCache {
+    fn epoch(&self) -> u64 {
+        self.state.lock().epoch
+    }
+
+    fn user(&self, id: UserId) -> Option<User> {
+        self.state.lock().users.get(&id).cloned()
+    }
+
+    fn pharmacy(&self, user_id: UserId) -> Option<Pharmacy> {
+        self.state.lock().pharmacies.get(&user_id).cloned()
+    }
+
+    fn put_user(&self, read_at: u64, user: &User) {
+        let mut state = self.state.lock();
+        if state.epoch == read_at {
+            if state.users.len() >= CACHE_LIMIT {
+                state.users.clear();
+            }
+            state.users.insert(user.id, user.clone());
+        }
+    }
+
+    fn put_pharmacy(&self, read_at: u64, pharmacy: &Pharmacy) {
+        let mut state = self.state.lock();
+        if state.epoch == read_at {
+            if state.pharmacies.len() >= CACHE_LIMIT {
+                state.pharmacies.clear();
+            }
+            state.pharmacies.insert(pharmacy.user_id, pharmacy.clone());
+        }
+    }
+
+    fn invalidate(&self) {
+        let mut state = self.state.lock();
+        state.epoch += 1;
+        state.users.clear();
+        state.pharmacies.clear();
+    }
 }
 
 /// Read-only connections; the semaphore bounds how many reads run at once, so a burst of reads
@@ -313,6 +375,7 @@ impl SqliteStore {
                 writer: Mutex::new(Some(writer)),
                 readers,
                 counters,
+                cache: AccountCache::default(),
             }),
         })
     }
@@ -1208,21 +1271,41 @@ impl Store for SqliteStore {
     }
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>> {
-        self.read("read a user", move |c| {
-            c.prepare_cached(concat!("SELECT ", user_columns!(), " FROM users WHERE id = ?1"))?
-                .query_row([id], user_row)
-                .optional()
-        })
-        .await
+        let cache = &self.inner.cache;
+        if let Some(user) = cache.user(id) {
+            return Ok(Some(user));
+        }
+        let read_at = cache.epoch();
+        let user = self
+            .read("read a user", move |c| {
+                c.prepare_cached(concat!("SELECT ", user_columns!(), " FROM users WHERE id = ?1"))?
+                    .query_row([id], user_row)
+                    .optional()
+            })
+            .await?;
+        if let Some(user) = &user {
+            cache.put_user(read_at, user);
+        }
+        Ok(user)
     }
 
     async fn pharmacy_by_user(&self, user_id: UserId) -> Result<Option<Pharmacy>> {
-        self.read("read a user's pharmacy", move |c| {
-            c.prepare_cached(concat!("SELECT ", pharmacy_columns!(""), " FROM pharmacies WHERE user_id = ?1"))?
-                .query_row([user_id], pharmacy_row)
-                .optional()
-        })
-        .await
+        let cache = &self.inner.cache;
+        if let Some(pharmacy) = cache.pharmacy(user_id) {
+            return Ok(Some(pharmacy));
+        }
+        let read_at = cache.epoch();
+        let pharmacy = self
+            .read("read a user's pharmacy", move |c| {
+                c.prepare_cached(concat!("SELECT ", pharmacy_columns!(""), " FROM pharmacies WHERE user_id = ?1"))?
+                    .query_row([user_id], pharmacy_row)
+                    .optional()
+            })
+            .await?;
+        if let Some(pharmacy) = &pharmacy {
+            cache.put_pharmacy(read_at, pharmacy);
+        }
+        Ok(pharmacy)
     }
 
     async fn pharmacy_by_id(&self, id: PharmacyId) -> Result<Option<Pharmacy>> {
@@ -1230,11 +1313,15 @@ impl Store for SqliteStore {
     }
 
     async fn update_pharmacy(&self, id: PharmacyId, patch: PharmacyPatch) -> Result<Pharmacy> {
-        self.write("update a pharmacy", move |c| update_pharmacy(c, id, patch)).await
+        let result = self.write("update a pharmacy", move |c| update_pharmacy(c, id, patch)).await;
+        self.inner.cache.invalidate();
+        result
     }
 
     async fn set_pharmacy_approved(&self, id: PharmacyId, approved: bool) -> Result<Pharmacy> {
-        self.write("approve a pharmacy", move |c| set_pharmacy_approved(c, id, approved)).await
+        let result = self.write("approve a pharmacy", move |c| set_pharmacy_approved(c, id, approved)).await;
+        self.inner.cache.invalidate();
+        result
     }
 
     async fn list_pharmacies(&self, approved: Option<bool>) -> Result<Vec<PharmacyListing>> {
@@ -1286,7 +1373,12 @@ impl Store for SqliteStore {
     async fn check_otp(&self, email: &str, code_hash: &str, now: UnixMs) -> Result<OtpOutcome> {
         let email = normalize_email(email);
         let code_hash = code_hash.to_owned();
-        self.write("check an OTP", move |c| check_otp(c, &email, &code_hash, now)).await
+        let result = self.write("check an OTP", move |c| check_otp(c, &email, &code_hash, now)).await;
+        // `email_verified` of an existing user may have changed (if the outcome is unknown, too).
+        if matches!(result, Ok(OtpOutcome::Verified) | Err(_)) {
+            self.inner.cache.invalidate();
+        }
+        result
     }
 
     async fn email_verified(&self, email: &str) -> Result<bool> {
