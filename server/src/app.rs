@@ -20,8 +20,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Counters kept by the shell (the engine keeps its own).
 pub struct ShellStats {
-    /// Frames fully written to a WebSocket.
+    /// Live messages (from the hub's queues) fully written to a WebSocket.
     pub delivered: AtomicU64,
+    /// Every text message fully written to a WebSocket: `connection`, replays, `sync`, live
+    /// messages and answers to client messages (the load generator checks it against what it read).
+    pub messages_sent: AtomicU64,
     /// WebSocket connections accepted (after authentication).
     pub ws_connects: AtomicU64,
     /// Requests refused by a rate limit.
@@ -40,6 +43,7 @@ impl Default for ShellStats {
     fn default() -> Self {
         ShellStats {
             delivered: AtomicU64::new(0),
+            messages_sent: AtomicU64::new(0),
             ws_connects: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             ws_disconnects: Disconnects::default(),

@@ -285,6 +285,12 @@ pub fn render(app: &App) -> String {
         }
     }
 
+    out.counter(
+        "sanjevani_ws_messages_sent_total",
+        "Text messages fully written to WebSockets (connection, replays, sync, live messages, answers).",
+    );
+    out.sample("sanjevani_ws_messages_sent_total", "", shell.messages_sent.load(Relaxed));
+
     let hub = app.hub.stats();
     out.counter("sanjevani_ws_enqueued_total", "Messages queued to a WebSocket's outbound queue.");
     out.sample("sanjevani_ws_enqueued_total", "", hub.enqueued.load(Relaxed));

@@ -217,21 +217,27 @@ async fn drain(stream: &mut TcpStream) {
 /// client frames, writes the hub's queue and pings.
 async fn serve(app: &App, stream: &mut TcpStream, session: Session, mut frames: FrameReader) -> Ended {
     let Session { subscription, hello, backlog } = session;
+    let sent = &app.stats.messages_sent;
     // Buffers start empty and are trimmed after a burst: an idle socket costs little memory.
+    // `texts` counts the text messages in `out`, added to `messages_sent` once they are written.
     let mut out = Vec::new();
+    let mut texts = 1;
     encode_text(&mut out, &hello);
     for frame in backlog {
         encode_text(&mut out, &frame);
+        texts += 1;
         if out.len() >= 64 * 1024 {
             if stream.write_all(&out).await.is_err() {
                 return GONE;
             }
+            sent.fetch_add(std::mem::take(&mut texts), Ordering::Relaxed);
             settle(&mut out);
         }
     }
     if stream.write_all(&out).await.is_err() {
         return GONE;
     }
+    sent.fetch_add(std::mem::take(&mut texts), Ordering::Relaxed);
     settle(&mut out);
 
     let mut last_heard = Instant::now();
@@ -243,22 +249,30 @@ async fn serve(app: &App, stream: &mut TcpStream, session: Session, mut frames: 
         loop {
             match frames.next_event() {
                 Ok(None) => break,
-                Ok(Some(Event::Text(text))) => encode_text(&mut out, &answer(&text)),
+                Ok(Some(Event::Text(text))) => {
+                    encode_text(&mut out, &answer(&text));
+                    texts += 1;
+                }
                 Ok(Some(Event::Binary(_))) => {
-                    encode_text(&mut out, &message::error("Binary frames are not supported; send JSON text"))
+                    encode_text(&mut out, &message::error("Binary frames are not supported; send JSON text"));
+                    texts += 1;
                 }
                 Ok(Some(Event::Ping(payload))) => encode_frame(&mut out, OpCode::Pong, &payload),
                 Ok(Some(Event::Pong)) => {}
                 Ok(Some(Event::Close(payload))) => {
                     encode_frame(&mut out, OpCode::Close, &payload);
-                    finish(stream, &out).await;
+                    if finish(stream, &out).await {
+                        sent.fetch_add(texts, Ordering::Relaxed);
+                    }
                     // A close frame without a status code is "no status received".
                     let code = payload.get(..2).map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
                     return (code, ClosedBy::Client);
                 }
                 Err(violation) => {
                     encode_close(&mut out, violation.code, violation.reason);
-                    finish(stream, &out).await;
+                    if finish(stream, &out).await {
+                        sent.fetch_add(texts, Ordering::Relaxed);
+                    }
                     return (violation.code, ClosedBy::Server);
                 }
             }
@@ -267,6 +281,7 @@ async fn serve(app: &App, stream: &mut TcpStream, session: Session, mut frames: 
             if stream.write_all(&out).await.is_err() {
                 return GONE;
             }
+            sent.fetch_add(std::mem::take(&mut texts), Ordering::Relaxed);
             settle(&mut out);
         }
         tokio::select! {
@@ -299,6 +314,7 @@ async fn serve(app: &App, stream: &mut TcpStream, session: Session, mut frames: 
                             return GONE;
                         }
                         app.stats.delivered.fetch_add(count, Ordering::Relaxed);
+                        sent.fetch_add(count, Ordering::Relaxed);
                         settle(&mut out);
                         if batch.capacity() > 256 {
                             batch.shrink_to(64);
@@ -308,6 +324,7 @@ async fn serve(app: &App, stream: &mut TcpStream, session: Session, mut frames: 
                         encode_close(&mut out, close.code, close.reason);
                         if finish(stream, &out).await {
                             app.stats.delivered.fetch_add(count, Ordering::Relaxed);
+                            sent.fetch_add(count, Ordering::Relaxed);
                         }
                         return (close.code, ClosedBy::Server);
                     }

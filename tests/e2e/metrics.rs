@@ -197,6 +197,8 @@ async fn counters_move_by_exactly_what_happened() {
     assert_eq!(before.get("sanjevani_ws_connects_total", "") - start.get("sanjevani_ws_connects_total", ""), 3.0);
     assert_eq!(before.get("sanjevani_ws_sockets", r#"role="pharmacy""#), 2.0);
     assert_eq!(before.get("sanjevani_ws_sockets", r#"role="customer""#), 1.0);
+    let sent = |m: &Metrics| m.get("sanjevani_ws_messages_sent_total", "");
+    assert_eq!(sent(&before) - sent(&start), 6.0, "connection and sync to each of the three sockets");
     let metrics_count = r#"route="/metrics""#;
     assert_eq!(
         before.get("sanjevani_http_request_duration_seconds_count", metrics_count)
@@ -235,6 +237,7 @@ async fn counters_move_by_exactly_what_happened() {
     assert_eq!(moved("notified"), 2.0, "recipients at creation: A and B");
     assert_eq!(moved("delivered"), 3.0, "new_request and request_taken to A, pharmacy_response to the customer");
     assert_eq!(moved("accepted"), 1.0);
+    assert_eq!(sent(&after) - sent(&before), 3.0, "the same three, counted among all text messages");
     for event in ["rejected", "cancelled", "expired"] {
         assert_eq!(moved(event), 0.0, "{event}");
     }

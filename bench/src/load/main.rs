@@ -461,7 +461,7 @@ async fn execute(args: &Args, prepared: Prepared) -> Result<bool, SetupError> {
     let server_after = server_pid.as_deref().and_then(stats::proc_sample);
     let me_after = stats::proc_sample("self");
 
-    let (summary, ok) = summarize(args, &run, &states, total, posting_s, connect_s, extra);
+    let (summary, mut ok) = summarize(args, &run, &states, total, posting_s, connect_s, extra);
     let mut summary = summary;
     if let (Some(before), Some(after)) = (server_before, server_after) {
         summary["server"] = json!({
@@ -479,6 +479,16 @@ async fn execute(args: &Args, prepared: Prepared) -> Result<bool, SetupError> {
         let delta: BTreeMap<&String, f64> =
             after.iter().filter_map(|(k, v)| Some((k, v - before.get(k)?))).filter(|(_, d)| *d != 0.0).collect();
         summary["server_metrics_delta"] = json!(delta);
+        // Every text message the server wrote was read (modes whose sockets are never dropped;
+        // the drain leaves nothing in flight). A server without the counter is not checked.
+        let sent_key = "sanjevani_ws_messages_sent_total".to_string();
+        if matches!(args.mode, Mode::Fanout | Mode::Race) && after.contains_key(&sent_key) {
+            let sent = delta.get(&sent_key).copied().unwrap_or(0.0) as u64;
+            let read = summary["delivery"]["frames"].as_u64().unwrap_or(0);
+            summary["delivery"]["server_messages_sent"] = json!(sent);
+            summary["correctness"]["frames_unaccounted"] = json!(sent.abs_diff(read));
+            ok &= sent == read;
+        }
     }
     if let Some(why) = &setup_failed {
         summary["setup_error"] = json!(why);
