@@ -279,8 +279,12 @@ impl Lifecycle {
             created_at: now,
             expires_at: now + inner.ttl_ms,
         };
-        match inner.store.create_request(new, recipients.clone()).await? {
+        // Fanned out as soon as it is committed (visible to every reader, safe from the process
+        // dying); the customer's 201 waits until it is on disk.
+        let (created, durable) = inner.store.create_request_visible(new, recipients.clone()).await?;
+        match created {
             Created::Existing(request) => {
+                durable.wait().await?;
                 let pharmacies_notified = match inner.live.get(&request.id).map(|e| e.value().clone()) {
                     Some(live) => live.lock().recipients.len(),
                     None => inner.store.recipients(request.id).await?.len(),
@@ -292,6 +296,7 @@ impl Lifecycle {
                 inner.stats.created.fetch_add(1, Ordering::Relaxed);
                 inner.stats.notified.fetch_add(pharmacies_notified as u64, Ordering::Relaxed);
                 inner.open(request.clone(), recipients, FxHashMap::default(), Some(base_url));
+                durable.wait().await?;
                 Ok(CreatedRequest { request, pharmacies_notified, repeated: false })
             }
         }
@@ -312,9 +317,10 @@ impl Lifecycle {
                 return Err(closed_error(state.request.status));
             }
         }
-        let outcome = inner
+        // As for creates: the winner's news goes out at commit, every answer waits for the disk.
+        let (outcome, durable) = inner
             .store
-            .record_response(NewResponse {
+            .record_response_visible(NewResponse {
                 request_id: input.request_id,
                 pharmacy_id: pharmacy.id,
                 pharmacy_name: pharmacy.name.clone(),
@@ -324,11 +330,12 @@ impl Lifecycle {
                 responded_at: now_ms(),
             })
             .await?;
+        if let ResponseOutcome::Recorded(response) = &outcome {
+            inner.recorded(response, live, base_url).await?;
+        }
+        durable.wait().await?;
         match outcome {
-            ResponseOutcome::Recorded(response) => {
-                inner.recorded(&response, live, base_url).await?;
-                Ok(Responded { response, repeated: false })
-            }
+            ResponseOutcome::Recorded(response) => Ok(Responded { response, repeated: false }),
             ResponseOutcome::Repeat(response) if response.response_type == input.response_type => {
                 Ok(Responded { response, repeated: true })
             }

@@ -319,8 +319,8 @@ pub fn render(app: &App) -> String {
     let name = "sanjevani_request_fanout_seconds";
     out.histogram(
         name,
-        "POST /medicine/request/ from the start of its handler until new_request is queued to every recipient \
-         (Lifecycle::create returned, after its last send_patched); new requests only.",
+        "POST /medicine/request/ from the start of its handler until Lifecycle::create returned: the request \
+         durable, new_request queued to every recipient (at commit, before the fsync); new requests only.",
     );
     out.buckets(name, "", &shell.request_fanout.snapshot(), MICROS);
 
@@ -329,8 +329,13 @@ pub fn render(app: &App) -> String {
     out.histogram(name, "Write commands per committed store batch (group commit).");
     out.buckets(name, "", &store.batch_size, 1.0);
     let name = "sanjevani_store_commit_seconds";
-    out.histogram(name, "Time in COMMIT (the WAL fsync) per store batch.");
+    out.histogram(name, "Time in COMMIT per store batch (writing the WAL; the syncer thread fsyncs it after).");
     out.buckets(name, "", &store.commit_micros, MICROS);
+    out.counter(
+        "sanjevani_store_syncs_total",
+        "fdatasync calls of the WAL by the syncer thread, each making every commit before it durable.",
+    );
+    out.sample("sanjevani_store_syncs_total", "", app.store.stats().syncs);
     out.counter("sanjevani_store_failed_batches_total", "Store batches whose transaction failed.");
     out.sample("sanjevani_store_failed_batches_total", "", app.store.stats().failed_batches);
 

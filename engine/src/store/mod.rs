@@ -1,12 +1,17 @@
 //! Durable records behind one small trait, so the lifecycle and accounts do not care where they
 //! live. `SqliteStore` is the embedded default: WAL mode, one writer thread that owns the
-//! connection and drains a bounded write-ahead queue in batches, committing once per batch with
-//! `synchronous=FULL` before it answers anyone (group commit). `MemoryStore` keeps the same
-//! rules in memory; the engine tests run against both. A later PostgreSQL implementation decides
-//! the once-only transitions (accept, cancel, expire) with the same conditional UPDATEs.
+//! connection and drains a bounded write-ahead queue in batches, committing once per batch
+//! (group commit), and a syncer thread that fdatasyncs the WAL behind it, once for every commit
+//! made since its last call, so that the writer never waits for the disk. `MemoryStore` keeps the
+//! same rules in memory; the engine tests run against both. A later PostgreSQL implementation
+//! decides the once-only transitions (accept, cancel, expire) with the same conditional UPDATEs.
 //!
 //! Every method that returns `Ok` for a write has made it durable (for SQLite: committed and
-//! fsynced). Storage failures come back as `Error::Unavailable`.
+//! fsynced). The two `*_visible` methods answer earlier, once the write is committed and
+//! visible to every reader (it then survives the process dying, but not yet a power loss), with
+//! a [`Durable`] the caller awaits before it acknowledges anything: the lifecycle fans a new
+//! request (or its acceptance) out at commit and answers the HTTP call at durability. Storage
+//! failures come back as `Error::Unavailable`.
 
 mod memory;
 mod sqlite;
@@ -17,9 +22,42 @@ pub use sqlite::{
     StoreStats,
 };
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::*;
 use async_trait::async_trait;
+use tokio::sync::watch;
+
+/// How far commits are durable: every commit numbered up to `synced`, unless `failed`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SyncMark {
+    pub(crate) synced: u64,
+    pub(crate) failed: bool,
+}
+
+/// A committed write's durability, to await before acknowledging it.
+#[must_use = "a write is not durable until this is awaited"]
+#[derive(Debug)]
+pub struct Durable(Option<(u64, watch::Receiver<SyncMark>)>);
+
+impl Durable {
+    /// Already durable.
+    pub fn now() -> Durable {
+        Durable(None)
+    }
+
+    pub(crate) fn pending(seq: u64, marks: watch::Receiver<SyncMark>) -> Durable {
+        Durable(Some((seq, marks)))
+    }
+
+    /// Waits until the write is on disk; `Error::Unavailable` if the sync failed (the write is
+    /// committed, but it must not be acknowledged).
+    pub async fn wait(self) -> Result<()> {
+        let Some((seq, mut marks)) = self.0 else { return Ok(()) };
+        let unavailable = || Error::store("make a write durable", "the WAL could not be synced");
+        let mark = *marks.wait_for(|m| m.synced >= seq || m.failed).await.map_err(|_| unavailable())?;
+        if mark.synced >= seq { Ok(()) } else { Err(unavailable()) }
+    }
+}
 
 /// How long an `Idempotency-Key` binds a customer's create to its first result.
 pub const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
@@ -74,11 +112,21 @@ pub trait Store: Send + Sync + 'static {
     /// `req.created_at`, stores nothing and returns that request as `Created::Existing`; an
     /// older use of the key no longer binds it.
     async fn create_request(&self, req: NewRequest, recipients: Vec<Recipient>) -> Result<Created>;
+    /// As [`Store::create_request`], answering once the request is committed and visible; the
+    /// caller must await the [`Durable`] before acknowledging it.
+    async fn create_request_visible(&self, req: NewRequest, recipients: Vec<Recipient>) -> Result<(Created, Durable)> {
+        Ok((self.create_request(req, recipients).await?, Durable::now()))
+    }
     /// Records a response, deciding atomically: a pharmacy's earlier response → `Repeat`;
     /// not a recipient (or no such request) → `NotNotified`; request not PENDING → `Closed`;
     /// ACCEPTED → conditional `PENDING → ACCEPTED` with `pharmacy_id`/`pharmacy_name` set and
     /// the response stored (`Recorded` means this pharmacy won); REJECTED → stored while PENDING.
     async fn record_response(&self, resp: NewResponse) -> Result<ResponseOutcome>;
+    /// As [`Store::record_response`], answering once the decision is committed and visible; the
+    /// caller must await the [`Durable`] before acknowledging it.
+    async fn record_response_visible(&self, resp: NewResponse) -> Result<(ResponseOutcome, Durable)> {
+        Ok((self.record_response(resp).await?, Durable::now()))
+    }
     /// PENDING → CANCELLED for the owner. Not the owner's or unknown → `NotFound`.
     async fn cancel_request(&self, id: RequestId, customer_id: UserId, now: UnixMs) -> Result<Decision>;
     /// PENDING → EXPIRED. Unknown → `NotFound`.

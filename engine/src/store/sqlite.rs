@@ -18,6 +18,7 @@
 //! The schema is versioned by `PRAGMA user_version`; [`MIGRATIONS`] are applied in order, in one
 //! transaction, when the store opens.
 
+use super::{Durable, SyncMark};
 use super::{
     Store, email_taken, idempotency_binds, normalize_email, otp_expired, pharmacy_not_found, request_not_found,
     same_code_hash,
@@ -36,7 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 /// The schema, one entry per version: entry `i` takes a database from `user_version` `i` to
 /// `i + 1`. Append new versions; never edit one that has shipped.
@@ -145,19 +146,26 @@ CREATE TABLE responses (
 /// How the store is tuned. `Default` is what the server uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreOptions {
-    /// Most write commands committed in one transaction (at least 1). `1` makes every write its
-    /// own transaction and fsync: the baseline the group-commit benchmark compares against.
+    /// Most write commands committed in one transaction (at least 1). `1` with `background_sync`
+    /// off makes every write its own transaction and fsync: the baseline the group-commit
+    /// benchmark compares against.
     pub max_batch: usize,
     /// Write commands that may wait in the queue (at least 1); a full queue makes writers wait
     /// (back-pressure) instead of growing memory.
     pub queue_capacity: usize,
     /// Read-only connections, i.e. reads that run at once (at least 1).
     pub read_connections: usize,
+    /// Where the WAL is fsynced. `true` (the default): COMMIT only writes the WAL
+    /// (`synchronous=NORMAL`) and a syncer thread fdatasyncs it, covering every commit made since
+    /// its last call, while the writer goes on with the next batch; a write is answered once its
+    /// commit is covered. `false`: `synchronous=FULL`, the fsync inside every COMMIT (the
+    /// one-transaction-per-write baseline of the benchmark).
+    pub background_sync: bool,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { max_batch: 1024, queue_capacity: 4096, read_connections: 2 }
+        StoreOptions { max_batch: 1024, queue_capacity: 4096, read_connections: 2, background_sync: true }
     }
 }
 
@@ -165,15 +173,18 @@ impl Default for StoreOptions {
 /// `strace` count of fsyncs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Batches committed: one transaction and one fsync of the WAL each (a checkpoint, every
-    /// 1,000 WAL pages, adds fsyncs of its own).
+    /// Batches committed: one transaction each.
     pub commits: u64,
+    /// fdatasync calls of the WAL that made commits durable (with `background_sync`; each covers
+    /// every commit made before it started; without it, each commit fsyncs in COMMIT instead).
+    /// A checkpoint, every 1,000 WAL pages, adds fsyncs of its own.
+    pub syncs: u64,
     /// Write commands executed in committed batches (including ones that rolled back only
     /// themselves, such as a taken email).
     pub writes: u64,
     /// Commands in the most recent committed batch.
     pub last_batch: u64,
-    /// Time spent in COMMIT (where the fsync happens), summed, in microseconds.
+    /// Time spent in COMMIT, summed, in microseconds.
     pub total_commit_micros: u64,
     /// Batches whose transaction failed; every caller in them got `Error::Unavailable`.
     pub failed_batches: u64,
@@ -213,6 +224,7 @@ pub struct CommitHistograms {
 #[derive(Debug, Default)]
 struct Counters {
     commits: AtomicU64,
+    syncs: AtomicU64,
     writes: AtomicU64,
     last_batch: AtomicU64,
     total_commit_micros: AtomicU64,
@@ -247,9 +259,10 @@ struct Job {
 struct Executed {
     /// `false` rolls the command's savepoint back.
     ok: bool,
-    /// Sends the result; called only after COMMIT succeeded. Dropping it instead makes the
-    /// caller's reply channel close, which it reports as `Error::Unavailable`.
-    reply: Box<dyn FnOnce() + Send>,
+    /// Sends the result with the commit's sequence number; called only after COMMIT succeeded.
+    /// Dropping it instead makes the caller's reply channel close, which it reports as
+    /// `Error::Unavailable`.
+    reply: Box<dyn FnOnce(u64) + Send>,
 }
 
 /// The SQLite implementation of [`Store`].
@@ -270,6 +283,90 @@ struct Inner {
     readers: Arc<ReadPool>,
     counters: Arc<Counters>,
     cache: AccountCache,
+    sync: Arc<SyncShared>,
+}
+
+/// Commits and how far the syncer has made them durable, shared by the writer, the syncer and
+/// every caller waiting for its write to be durable.
+struct SyncShared {
+    /// Sequence number of the last commit, and whether the syncer should stop once it has
+    /// covered it.
+    state: Mutex<(u64, bool)>,
+    wake: parking_lot::Condvar,
+    /// What the syncer has covered; callers wait on it.
+    mark: watch::Sender<SyncMark>,
+}
+
+impl SyncShared {
+    fn new() -> Arc<SyncShared> {
+        Arc::new(SyncShared {
+            state: Mutex::new((0, false)),
+            wake: parking_lot::Condvar::new(),
+            mark: watch::Sender::new(SyncMark::default()),
+        })
+    }
+
+    /// Records a commit; returns its sequence number.
+    fn committed(&self, background: bool) -> u64 {
+        let mut state = self.state.lock();
+        state.0 += 1;
+        let seq = state.0;
+        drop(state);
+        if background {
+            self.wake.notify_one();
+        } else {
+            // COMMIT itself fsynced (synchronous=FULL).
+            self.mark.send_modify(|m| m.synced = seq);
+        }
+        seq
+    }
+
+    fn durable(&self, seq: u64) -> Durable {
+        Durable::pending(seq, self.mark.subscribe())
+    }
+}
+
+/// Makes commits durable off the writer thread: waits for commits, fdatasyncs the WAL once for
+/// all made since the last call, publishes how far it got. An fsync error is final (the kernel
+/// may have dropped the dirty pages it could not write): every later wait fails.
+fn run_syncer(wal: PathBuf, shared: Arc<SyncShared>, counters: Arc<Counters>) {
+    let mut file: Option<std::fs::File> = None;
+    let mut synced = 0;
+    loop {
+        let target = {
+            let mut state = shared.state.lock();
+            while state.0 == synced && !state.1 {
+                shared.wake.wait(&mut state);
+            }
+            if state.0 == synced {
+                return;
+            }
+            state.0
+        };
+        let result = (|| -> std::io::Result<()> {
+            if file.is_none() {
+                let opened = std::fs::OpenOptions::new().read(true).write(true).open(&wal)?;
+                // The WAL's directory entry must be durable too, once.
+                if let Some(dir) = wal.parent() {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+                file = Some(opened);
+            }
+            file.as_ref().map_or(Ok(()), |f| f.sync_data())
+        })();
+        match result {
+            Ok(()) => {
+                synced = target;
+                counters.syncs.fetch_add(1, Ordering::Relaxed);
+                shared.mark.send_modify(|m| m.synced = synced);
+            }
+            Err(e) => {
+                tracing::error!(%e, wal = %wal.display(), "fdatasync of the WAL failed; no write is acknowledged from now on");
+                shared.mark.send_modify(|m| m.failed = true);
+                return;
+            }
+        }
+    }
 }
 
 /// Accounts and pharmacies by user id, which every authenticated call looks up (a read on the
@@ -346,7 +443,8 @@ impl SqliteStore {
     /// the writer thread. Synchronous: call it before or outside the runtime.
     pub fn open(path: &Path, options: StoreOptions) -> Result<SqliteStore> {
         let max_batch = options.max_batch.max(1);
-        let mut conn = open_writer(path).map_err(|e| Error::store("open the database", e))?;
+        let background_sync = options.background_sync;
+        let mut conn = open_writer(path, background_sync).map_err(|e| Error::store("open the database", e))?;
         migrate(&mut conn).map_err(|e| Error::store("migrate the database", e))?;
 
         let read_connections = options.read_connections.max(1);
@@ -361,13 +459,26 @@ impl SqliteStore {
         });
 
         let counters = Arc::new(Counters::default());
+        let sync = SyncShared::new();
+        let syncer = if background_sync {
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            let (wal, shared, counters) = (PathBuf::from(wal), Arc::clone(&sync), Arc::clone(&counters));
+            let thread = std::thread::Builder::new()
+                .name("sqlite-syncer".into())
+                .spawn(move || run_syncer(wal, shared, counters))
+                .map_err(|e| Error::store("start the syncer thread", e))?;
+            Some(thread)
+        } else {
+            None
+        };
         let (queue, jobs) = mpsc::channel(options.queue_capacity.max(1));
-        let thread_counters = Arc::clone(&counters);
+        let (thread_counters, thread_sync) = (Arc::clone(&counters), Arc::clone(&sync));
         let writer = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run_writer(conn, jobs, max_batch, &thread_counters))
+            .spawn(move || run_writer(conn, jobs, max_batch, &thread_counters, &thread_sync, syncer))
             .map_err(|e| Error::store("start the writer thread", e))?;
-        tracing::info!(path = %path.display(), max_batch, "store open");
+        tracing::info!(path = %path.display(), max_batch, background_sync, "store open");
 
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -376,6 +487,7 @@ impl SqliteStore {
                 readers,
                 counters,
                 cache: AccountCache::default(),
+                sync,
             }),
         })
     }
@@ -385,6 +497,7 @@ impl SqliteStore {
         let c = &self.inner.counters;
         StoreStats {
             commits: c.commits.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
             writes: c.writes.load(Ordering::Relaxed),
             last_batch: c.last_batch.load(Ordering::Relaxed),
             total_commit_micros: c.total_commit_micros.load(Ordering::Relaxed),
@@ -410,7 +523,8 @@ impl SqliteStore {
     }
 
     /// `journal_mode` and `synchronous` as the writer connection has them (through the queue, so
-    /// this is what every write really runs with): `("wal", 2)` when healthy.
+    /// this is what every write really runs with): `("wal", 1)` with `background_sync` (the syncer
+    /// thread fsyncs), `("wal", 2)` without.
     pub async fn pragmas(&self) -> Result<(String, i64)> {
         self.write("read pragmas", |c| {
             let mode: String = c
@@ -445,7 +559,9 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        self.submit(what, true, command).await
+        let (value, seq) = self.submit(what, true, command).await?;
+        self.inner.sync.durable(seq).wait().await?;
+        Ok(value)
     }
 
     /// As `write`, for a command that fails only if the database does (no savepoint of its own).
@@ -454,10 +570,22 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        self.submit(what, false, command).await
+        let (value, seq) = self.submit(what, false, command).await?;
+        self.inner.sync.durable(seq).wait().await?;
+        Ok(value)
     }
 
-    async fn submit<T, F>(&self, what: &'static str, guarded: bool, command: F) -> Result<T>
+    /// As `write`, answering once the batch is committed, with its durability to await.
+    async fn write_visible<T, F>(&self, what: &'static str, guarded: bool, command: F) -> Result<(T, Durable)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (value, seq) = self.submit(what, guarded, command).await?;
+        Ok((value, self.inner.sync.durable(seq)))
+    }
+
+    async fn submit<T, F>(&self, what: &'static str, guarded: bool, command: F) -> Result<(T, u64)>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -468,10 +596,10 @@ impl SqliteStore {
             let result = command(conn);
             Executed {
                 ok: result.is_ok(),
-                reply: Box::new(move || {
+                reply: Box::new(move |seq| {
                     // The caller may have gone away; the write stands regardless.
-                    let _ = reply_to.send(result);
-                }) as Box<dyn FnOnce() + Send>,
+                    let _ = reply_to.send(result.map(|value| (value, seq)));
+                }) as Box<dyn FnOnce(u64) + Send>,
             }
         });
         let job = Job { run, guarded };
@@ -531,15 +659,18 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 /// Failures while opening: SQLite's, or a file SQLite opened but this program cannot use.
 type OpenError = Box<dyn std::error::Error + Send + Sync>;
 
-fn open_writer(path: &Path) -> Result<Connection, OpenError> {
+fn open_writer(path: &Path, background_sync: bool) -> Result<Connection, OpenError> {
     let conn = Connection::open(path)?;
     configure(&conn)?;
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(format!("journal_mode is {mode}, not wal (a file system without WAL?)").into());
     }
-    // FULL: the WAL is fsynced at every commit, so an acknowledged write survives power loss.
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    // An acknowledged write must survive power loss. FULL: the WAL is fsynced inside every
+    // COMMIT. NORMAL (with the syncer thread): COMMIT writes the WAL, the syncer fdatasyncs it
+    // before anyone hears of the write; SQLite still syncs the WAL before and the database after
+    // each checkpoint.
+    conn.pragma_update(None, "synchronous", if background_sync { "NORMAL" } else { "FULL" })?;
     conn.pragma_update(None, "foreign_keys", true)?;
     // A larger page cache and in-memory statement journals keep the writer off the disk between
     // commits (measured +3% on `store/group_commit/1000`).
@@ -575,7 +706,15 @@ fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
 
 // ---- the writer thread ----
 
-fn run_writer(conn: Connection, mut jobs: mpsc::Receiver<Job>, max_batch: usize, counters: &Counters) {
+fn run_writer(
+    conn: Connection,
+    mut jobs: mpsc::Receiver<Job>,
+    max_batch: usize,
+    counters: &Counters,
+    sync: &SyncShared,
+    syncer: Option<JoinHandle<()>>,
+) {
+    let background = syncer.is_some();
     let mut batch = Vec::with_capacity(max_batch.min(4096));
     // Ends when every sender is gone and the queue is empty: nothing queued is ever dropped.
     while let Some(first) = jobs.blocking_recv() {
@@ -586,7 +725,15 @@ fn run_writer(conn: Connection, mut jobs: mpsc::Receiver<Job>, max_batch: usize,
                 Err(_) => break,
             }
         }
-        commit_batch(&conn, &mut batch, counters);
+        commit_batch(&conn, &mut batch, counters, sync, background);
+    }
+    // Everything committed is made durable (and its callers answered) before the checkpoint.
+    if let Some(syncer) = syncer {
+        sync.state.lock().1 = true;
+        sync.wake.notify_one();
+        if syncer.join().is_err() {
+            tracing::error!("store syncer panicked");
+        }
     }
     // Fold the WAL into the main file now, even if read connections are still open, so that a
     // stopped store is one complete file (for backups) and the next start has no log to replay.
@@ -599,7 +746,7 @@ fn run_writer(conn: Connection, mut jobs: mpsc::Receiver<Job>, max_batch: usize,
 
 /// Runs `batch` in one transaction and answers its callers once it is committed. On any failure
 /// of the transaction itself the callers' replies are dropped, which they see as `Unavailable`.
-fn commit_batch(conn: &Connection, batch: &mut Vec<Job>, counters: &Counters) {
+fn commit_batch(conn: &Connection, batch: &mut Vec<Job>, counters: &Counters, sync: &SyncShared, background: bool) {
     let size = batch.len() as u64;
     let mut replies = Vec::with_capacity(batch.len());
     let outcome = (|| -> rusqlite::Result<Duration> {
@@ -644,8 +791,9 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Job>, counters: &Counters) {
             counters.total_commit_micros.fetch_add(commit_micros, Ordering::Relaxed);
             counters.batch_sizes[bucket_of(&BATCH_SIZE_BOUNDS, size)].fetch_add(1, Ordering::Relaxed);
             counters.commit_times[bucket_of(&COMMIT_MICROS_BOUNDS, commit_micros)].fetch_add(1, Ordering::Relaxed);
+            let seq = sync.committed(background);
             for reply in replies {
-                reply();
+                reply(seq);
             }
         }
         Err(e) => {
@@ -1201,7 +1349,7 @@ impl SqliteStore {
     /// Opens the database at `path` (creating and migrating it if needed) for one bulk
     /// transaction. Synchronous: call it outside the runtime.
     pub fn bulk_loader(path: &Path) -> Result<BulkLoader> {
-        let mut conn = open_writer(path).map_err(|e| Error::store("open the database", e))?;
+        let mut conn = open_writer(path, false).map_err(|e| Error::store("open the database", e))?;
         migrate(&mut conn).map_err(|e| Error::store("migrate the database", e))?;
         // A big load stays in memory until COMMIT instead of spilling half-written pages into
         // the WAL as it goes (256 MiB; SQLite allocates it only as pages are used).
@@ -1397,8 +1545,16 @@ impl Store for SqliteStore {
         self.write_unguarded("create a request", move |c| create_request(c, req, recipients)).await
     }
 
+    async fn create_request_visible(&self, req: NewRequest, recipients: Vec<Recipient>) -> Result<(Created, Durable)> {
+        self.write_visible("create a request", false, move |c| create_request(c, req, recipients)).await
+    }
+
     async fn record_response(&self, resp: NewResponse) -> Result<ResponseOutcome> {
         self.write("record a response", move |c| record_response(c, resp)).await
+    }
+
+    async fn record_response_visible(&self, resp: NewResponse) -> Result<(ResponseOutcome, Durable)> {
+        self.write_visible("record a response", true, move |c| record_response(c, resp)).await
     }
 
     async fn cancel_request(&self, id: RequestId, customer_id: UserId, now: UnixMs) -> Result<Decision> {
@@ -1541,7 +1697,47 @@ mod tests {
         let store = SqliteStore::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(user_version(&path), MIGRATIONS.len() as i64);
         assert_eq!(store.user_by_id(user.id).await.unwrap(), Some(user));
-        assert_eq!(store.pragmas().await.unwrap(), ("wal".to_string(), 2));
+        assert_eq!(store.pragmas().await.unwrap(), ("wal".to_string(), 1), "NORMAL: the syncer thread fsyncs");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_syncer_covers_every_acknowledged_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("s.db"), StoreOptions::default()).unwrap());
+        let writers: Vec<_> = (0..64)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.insert_user(new_user(&format!("u{i}@x.org"))).await.unwrap() })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let stats = store.stats();
+        // Every acknowledged commit was covered by a sync that finished before its answer.
+        assert_eq!(store.inner.sync.mark.borrow().synced, stats.commits);
+        assert!(stats.syncs >= 1 && stats.syncs <= stats.commits, "{stats:?}");
+        // A visible write comes with its durability, which resolves.
+        let (user, durable) =
+            store.write_visible("insert a user", true, |c| insert_user(c, new_user("late@x.org"))).await.unwrap();
+        durable.wait().await.unwrap();
+        assert_eq!(store.user_by_id(user.id).await.unwrap(), Some(user));
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_acknowledges_nothing_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = SyncShared::new();
+        let wal = dir.path().join("missing").join("s.db-wal");
+        let syncer = {
+            let (shared, counters) = (shared.clone(), Arc::new(Counters::default()));
+            std::thread::spawn(move || run_syncer(wal, shared, counters))
+        };
+        let seq = shared.committed(true);
+        assert!(matches!(shared.durable(seq).wait().await, Err(Error::Unavailable(_))));
+        syncer.join().unwrap();
+        let later = shared.committed(true);
+        assert!(matches!(shared.durable(later).wait().await, Err(Error::Unavailable(_))), "sticky");
     }
 
     #[tokio::test]
