@@ -243,7 +243,6 @@ async fn serve(app: &App, stream: &mut TcpStream, session: Session, mut frames: 
     let mut last_heard = Instant::now();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + app.config.ws_ping, app.config.ws_ping);
     let mut batch: Vec<Outbound> = Vec::new();
-    let mut scratch = Vec::new();
     loop {
         // Answer every complete frame received so far (the upgrade's leftover bytes at first).
         loop {
@@ -304,9 +303,7 @@ async fn serve(app: &App, stream: &mut TcpStream, session: Session, mut frames: 
             close = subscription.recv(&mut batch) => {
                 let count = batch.len() as u64;
                 for msg in batch.drain(..) {
-                    scratch.clear();
-                    msg.write_to(&mut scratch);
-                    encode_text(&mut out, &scratch);
+                    encode_outbound(&mut out, &msg);
                 }
                 match close {
                     None => {
@@ -378,6 +375,32 @@ async fn finish(socket: &mut TcpStream, out: &[u8]) -> bool {
     .unwrap_or(false)
 }
 
+/// Appends a queued message as one text frame, rendered in place behind room for its header
+/// (most messages take the 16-bit length form, so the header is filled in without moving them).
+fn encode_outbound(out: &mut Vec<u8>, msg: &Outbound) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    msg.write_to(out);
+    let len = out.len() - start - 4;
+    out[start] = 0x80 | OpCode::Text as u8;
+    match len {
+        n if n < 126 => {
+            out[start + 1] = n as u8;
+            out.copy_within(start + 4.., start + 2);
+            out.truncate(out.len() - 2);
+        }
+        n if n <= u16::MAX as usize => {
+            out[start + 1] = 126;
+            out[start + 2..start + 4].copy_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out[start + 1] = 127;
+            let length = (n as u64).to_be_bytes();
+            out.splice(start + 2..start + 4, length);
+        }
+    }
+}
+
 fn encode_text(out: &mut Vec<u8>, payload: &[u8]) {
     encode_frame(out, OpCode::Text, payload);
 }
@@ -387,6 +410,27 @@ fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     payload.extend_from_slice(&code.to_be_bytes());
     payload.extend_from_slice(reason.as_bytes());
     encode_frame(out, OpCode::Close, &payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sanjevani_engine::hub::Template;
+
+    #[test]
+    fn queued_messages_are_framed_like_any_text() {
+        for size in [0, 1, 125, 126, 400, 65_535, 65_536, 70_000] {
+            let body = Bytes::from(vec![b'x'; size]);
+            let (mut framed, mut expected) = (vec![7u8], vec![7u8]);
+            encode_outbound(&mut framed, &Outbound::Shared(body.clone()));
+            encode_text(&mut expected, &body);
+            assert_eq!(framed, expected, "{size} bytes");
+        }
+        let template = Template::new(Bytes::from_static(b"{\"d\":"), Bytes::from_static(b"}"));
+        let mut framed = Vec::new();
+        encode_outbound(&mut framed, &Outbound::Patched(Arc::new(template), 1.5));
+        assert_eq!(framed, b"\x81\x09{\"d\":1.5}");
+    }
 }
 
 /// Appends one unmasked, unfragmented frame.
