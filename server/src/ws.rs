@@ -412,6 +412,23 @@ fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     encode_frame(out, OpCode::Close, &payload);
 }
 
+/// Appends one unmasked, unfragmented frame.
+fn encode_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
+    out.push(0x80 | opcode as u8);
+    match payload.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n <= u16::MAX as usize => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,21 +448,4 @@ mod tests {
         encode_outbound(&mut framed, &Outbound::Patched(Arc::new(template), 1.5));
         assert_eq!(framed, b"\x81\x09{\"d\":1.5}");
     }
-}
-
-/// Appends one unmasked, unfragmented frame.
-fn encode_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
-    out.push(0x80 | opcode as u8);
-    match payload.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n <= u16::MAX as usize => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(payload);
 }
