@@ -5,7 +5,7 @@
 //! an oversized body is refused without being buffered.
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap};
@@ -87,8 +87,19 @@ impl Form {
     }
 
     async fn from_multipart(body: Incoming, boundary: String, max_upload: u64) -> Result<Form, Error> {
+        Form::from_multipart_stream(body.into_data_stream(), boundary, max_upload).await
+    }
+
+    /// A form from a `multipart/form-data` body arriving as a stream of chunks (split anywhere),
+    /// with `boundary` already taken from the content type. The stream may carry at most
+    /// `max_upload` bytes (413); a malformed body or a non-UTF-8 text field is a 400. `read` uses
+    /// it on the request body; the fuzz targets feed it chunks from memory.
+    pub async fn from_multipart_stream<S, E>(stream: S, boundary: String, max_upload: u64) -> Result<Form, Error>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
         let limits = multer::SizeLimit::new().whole_stream(max_upload).per_field(max_upload);
-        let stream = body.into_data_stream();
         let mut multipart =
             multer::Multipart::with_constraints(stream, boundary, multer::Constraints::new().size_limit(limits));
         let mut form = Form::default();
