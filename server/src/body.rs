@@ -17,17 +17,17 @@ use std::collections::HashMap;
 pub const MAX_FORM_BYTES: u64 = 64 * 1024;
 
 /// An uploaded file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upload {
     /// Its bytes.
     pub bytes: Bytes,
 }
 
 /// A parsed body: named values and uploaded files.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Form {
-    values: HashMap<String, Value>,
-    files: HashMap<String, Upload>,
+    pub(crate) values: HashMap<String, Value>,
+    pub(crate) files: HashMap<String, Upload>,
 }
 
 impl Form {
