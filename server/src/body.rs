@@ -272,6 +272,19 @@ mod tests {
         assert_eq!(f.number("zzz").unwrap_err().field_name(), Some("zzz"));
     }
 
+    /// Found by the `json` fuzz target (fuzz/corpus/json/regression-big-integer): simd-json
+    /// refused integers beyond 64 bits, so a valid body was a 400 "not valid JSON" even when the
+    /// big number sat in a field the server ignores.
+    #[test]
+    fn integers_beyond_64_bits_are_valid_json() {
+        let body = br#"{"quantity": 2, "client_ts": 123456789012345678901234567890, "lat": -99999999999999999999}"#;
+        let f = Form::from_json(Bytes::from_static(body)).unwrap();
+        assert_eq!(f.integer("quantity").unwrap(), 2);
+        assert_eq!(f.number("lat").unwrap(), -1e20);
+        let f = json_form(json!({"quantity": 1e30}));
+        assert_eq!(f.integer("quantity").unwrap_err().to_string(), "quantity must be a whole number");
+    }
+
     #[test]
     fn urlencoded_and_bad_json() {
         let f = Form::from_urlencoded(b"email=a%40b.c&otp=123456");
