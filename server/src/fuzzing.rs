@@ -154,7 +154,11 @@ pub fn ws_message(data: &[u8]) {
     let reply: Value = serde_json::from_slice(&reply).expect("the reply is JSON");
     let kind = reply.get("type").and_then(Value::as_str).expect("the reply has a string type");
     let sent: Option<Value> = serde_json::from_str(&text).ok();
-    let sent_type = sent.as_ref().and_then(|v| v.get("type")).and_then(Value::as_str);
+    // serde's derived struct reading also takes a one-element array, so `["ping"]` is a ping.
+    let sent_type = match &sent {
+        Some(Value::Array(items)) if items.len() == 1 => items[0].as_str(),
+        other => other.as_ref().and_then(|v| v.get("type")).and_then(Value::as_str),
+    };
     match kind {
         "pong" => {
             assert_eq!(reply.as_object().map(|o| o.len()), Some(1), "pong carries only its type");
