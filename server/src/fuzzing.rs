@@ -308,3 +308,37 @@ fn same_json(a: &Value, b: &Value) -> bool {
         _ => a == b,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `ws_message` (corpus: regression-duplicate-type): a repeated "type" key gets the
+    /// general error, not "Unknown message type".
+    #[test]
+    fn repeated_type_key_gets_the_general_error() {
+        let input = br#"{"type":"x","type":"ping"}"#;
+        let reply: Value = serde_json::from_slice(&crate::ws::answer(std::str::from_utf8(input).unwrap())).unwrap();
+        assert_eq!(reply["type"], "error");
+        assert!(reply["message"].as_str().unwrap().starts_with("Messages must be JSON objects"));
+        ws_message(input);
+        ws_message(include_bytes!("../../fuzz/corpus/ws_message/regression-duplicate-type"));
+    }
+
+    /// Found by `ws_message` (corpus: regression-array-message): a one-element array is read as
+    /// a message, so `["ping"]` gets a pong.
+    #[test]
+    fn one_element_array_is_read_as_a_message() {
+        assert_eq!(&crate::ws::answer(r#"["ping"]"#)[..], br#"{"type":"pong"}"#);
+        ws_message(br#"["ping"]"#);
+        ws_message(br#"["x"]"#);
+        ws_message(include_bytes!("../../fuzz/corpus/ws_message/regression-array-message"));
+    }
+
+    /// Found by `json` (corpus: regression-big-integer); see also body.rs.
+    #[test]
+    fn big_integers_are_read_like_serde_json_does() {
+        json(include_bytes!("../../fuzz/corpus/json/regression-big-integer"));
+        json(br#"{"quantity": -123456789012345678901234567890}"#);
+    }
+}
