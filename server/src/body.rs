@@ -5,7 +5,7 @@
 //! an oversized body is refused without being buffered.
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap};
@@ -17,17 +17,17 @@ use std::collections::HashMap;
 pub const MAX_FORM_BYTES: u64 = 64 * 1024;
 
 /// An uploaded file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upload {
     /// Its bytes.
     pub bytes: Bytes,
 }
 
 /// A parsed body: named values and uploaded files.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Form {
-    values: HashMap<String, Value>,
-    files: HashMap<String, Upload>,
+    pub(crate) values: HashMap<String, Value>,
+    pub(crate) files: HashMap<String, Upload>,
 }
 
 impl Form {
@@ -87,8 +87,19 @@ impl Form {
     }
 
     async fn from_multipart(body: Incoming, boundary: String, max_upload: u64) -> Result<Form, Error> {
+        Form::from_multipart_stream(body.into_data_stream(), boundary, max_upload).await
+    }
+
+    /// A form from a `multipart/form-data` body arriving as a stream of chunks (split anywhere),
+    /// with `boundary` already taken from the content type. The stream may carry at most
+    /// `max_upload` bytes (413); a malformed body or a non-UTF-8 text field is a 400. `read` uses
+    /// it on the request body; the fuzz targets feed it chunks from memory.
+    pub async fn from_multipart_stream<S, E>(stream: S, boundary: String, max_upload: u64) -> Result<Form, Error>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
         let limits = multer::SizeLimit::new().whole_stream(max_upload).per_field(max_upload);
-        let stream = body.into_data_stream();
         let mut multipart =
             multer::Multipart::with_constraints(stream, boundary, multer::Constraints::new().size_limit(limits));
         let mut form = Form::default();
@@ -259,6 +270,19 @@ mod tests {
         assert_eq!(f.number("f").unwrap(), 27.7);
         assert!(f.number("g").is_err());
         assert_eq!(f.number("zzz").unwrap_err().field_name(), Some("zzz"));
+    }
+
+    /// Found by the `json` fuzz target (fuzz/corpus/json/regression-big-integer): simd-json
+    /// refused integers beyond 64 bits, so a valid body was a 400 "not valid JSON" even when the
+    /// big number sat in a field the server ignores.
+    #[test]
+    fn integers_beyond_64_bits_are_valid_json() {
+        let body = br#"{"quantity": 2, "client_ts": 123456789012345678901234567890, "lat": -99999999999999999999}"#;
+        let f = Form::from_json(Bytes::from_static(body)).unwrap();
+        assert_eq!(f.integer("quantity").unwrap(), 2);
+        assert_eq!(f.number("lat").unwrap(), -1e20);
+        let f = json_form(json!({"quantity": 1e30}));
+        assert_eq!(f.integer("quantity").unwrap_err().to_string(), "quantity must be a whole number");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod console;
 pub mod datadir;
 pub mod demo;
+pub mod fuzzing;
 pub mod http;
 pub mod mail;
 pub mod media;
