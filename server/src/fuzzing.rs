@@ -7,6 +7,9 @@
 //!   multipart body), never another status; a body it accepts gives a `Form` whose typed getters
 //!   never panic, agree with each other, and fail only with a 400 naming the field. JSON is also
 //!   checked against `serde_json`, multipart against the same body read in one chunk.
+//! - `ws_frames`: the frame parser of client WebSocket bytes gives the same events however the
+//!   bytes are cut into reads, every event within the protocol's limits, nothing after a close
+//!   or a violation, and only the close codes 1002, 1007 and 1009.
 //! - `ws_message`: the reply to any client text message is a small JSON object whose `type` is
 //!   `"pong"` (only for a ping) or `"error"` (with a message).
 
@@ -153,12 +156,9 @@ pub fn ws_message(data: &[u8]) {
     assert!(reply.len() <= 512, "reply of {} bytes", reply.len());
     let reply: Value = serde_json::from_slice(&reply).expect("the reply is JSON");
     let kind = reply.get("type").and_then(Value::as_str).expect("the reply has a string type");
+    // Only an object is a message; a repeated key counts with its last value, as `Value` keeps.
     let sent: Option<Value> = serde_json::from_str(&text).ok();
-    // serde's derived struct reading also takes a one-element array, so `["ping"]` is a ping.
-    let sent_type = match &sent {
-        Some(Value::Array(items)) if items.len() == 1 => items[0].as_str(),
-        other => other.as_ref().and_then(|v| v.get("type")).and_then(Value::as_str),
-    };
+    let sent_type = sent.as_ref().filter(|v| v.is_object()).and_then(|v| v.get("type")).and_then(Value::as_str);
     match kind {
         "pong" => {
             assert_eq!(reply.as_object().map(|o| o.len()), Some(1), "pong carries only its type");
@@ -167,15 +167,60 @@ pub fn ws_message(data: &[u8]) {
         "error" => {
             let message = reply.get("message").and_then(Value::as_str).expect("an error has a message");
             if let Some(named) = message.strip_prefix("Unknown message type: ") {
-                // The type sent, cut to 64 characters. (A repeated "type" key gets the general
-                // error below; `Value` keeps the last one, so it cannot tell.)
+                // The type sent, cut to 64 characters.
                 let t = sent_type.expect("an unknown type was sent");
                 assert!(t != "ping" && named == t.chars().take(64).collect::<String>(), "{message:?} for {t:?}");
             } else {
                 assert_eq!(message, "Messages must be JSON objects with a \"type\", e.g. {\"type\":\"ping\"}");
+                assert_eq!(sent_type, None, "general error for {text:?}");
             }
         }
         other => panic!("reply type {other:?}"),
+    }
+}
+
+/// Bytes a client sends on a WebSocket, after the handshake. The first byte picks how the rest
+/// is cut into reads (1 to 256 bytes each, cycling), so frame and header boundaries land
+/// anywhere; the events must be the same as when everything arrives in one read, every event
+/// within the protocol's limits, nothing after a close or a violation, and a violation one of
+/// the three codes the parser may send.
+pub fn ws_frames(data: &[u8]) {
+    use crate::ws::frames::{Event, FrameReader, MAX_MESSAGE};
+    let Some((&cut, bytes)) = data.split_first() else { return };
+    let read = |chunks: &mut dyn Iterator<Item = &[u8]>| {
+        let mut reader = FrameReader::new();
+        let mut events = Vec::new();
+        for chunk in chunks {
+            reader.push(chunk);
+            loop {
+                match reader.next_event() {
+                    Ok(Some(event)) => events.push(event),
+                    Ok(None) => break,
+                    Err(violation) => return (events, Some(violation)),
+                }
+            }
+        }
+        (events, None)
+    };
+    let whole = read(&mut std::iter::once(bytes));
+    let step = usize::from(cut) + 1;
+    let pieces = read(&mut bytes.chunks(step));
+    assert_eq!(whole, pieces, "cut every {step} bytes");
+    let (events, violation) = whole;
+    if let Some(v) = violation {
+        assert!(matches!(v.code, 1002 | 1007 | 1009), "close code {}", v.code);
+    }
+    for (i, event) in events.iter().enumerate() {
+        match event {
+            Event::Text(text) => assert!(text.len() <= MAX_MESSAGE),
+            Event::Binary(payload) => assert!(payload.len() <= MAX_MESSAGE),
+            Event::Ping(payload) => assert!(payload.len() <= 125),
+            Event::Pong => {}
+            Event::Close(payload) => {
+                assert!(payload.len() <= 125 && payload.len() != 1, "close payload {payload:?}");
+                assert_eq!(i, events.len() - 1, "an event after a close frame");
+            }
+        }
     }
 }
 
@@ -313,23 +358,24 @@ fn same_json(a: &Value, b: &Value) -> bool {
 mod tests {
     use super::*;
 
-    /// Found by `ws_message` (corpus: regression-duplicate-type): a repeated "type" key gets the
-    /// general error, not "Unknown message type".
+    /// Found by `ws_message` (corpus: regression-duplicate-type): a repeated "type" key. The
+    /// handler now reads objects as `serde_json` does, the last value counting.
     #[test]
-    fn repeated_type_key_gets_the_general_error() {
+    fn repeated_type_key_counts_its_last_value() {
         let input = br#"{"type":"x","type":"ping"}"#;
-        let reply: Value = serde_json::from_slice(&crate::ws::answer(std::str::from_utf8(input).unwrap())).unwrap();
-        assert_eq!(reply["type"], "error");
-        assert!(reply["message"].as_str().unwrap().starts_with("Messages must be JSON objects"));
+        assert_eq!(&crate::ws::answer(std::str::from_utf8(input).unwrap())[..], br#"{"type":"pong"}"#);
         ws_message(input);
         ws_message(include_bytes!("../../fuzz/corpus/ws_message/regression-duplicate-type"));
     }
 
-    /// Found by `ws_message` (corpus: regression-array-message): a one-element array is read as
-    /// a message, so `["ping"]` gets a pong.
+    /// Found by `ws_message` (corpus: regression-array-message): serde's derived struct reading
+    /// took a one-element array, so `["ping"]` got a pong although the error says messages are
+    /// objects. Arrays now get the general error.
     #[test]
-    fn one_element_array_is_read_as_a_message() {
-        assert_eq!(&crate::ws::answer(r#"["ping"]"#)[..], br#"{"type":"pong"}"#);
+    fn arrays_are_not_messages() {
+        let reply: Value = serde_json::from_slice(&crate::ws::answer(r#"["ping"]"#)).unwrap();
+        assert_eq!(reply["type"], "error");
+        assert!(reply["message"].as_str().unwrap().starts_with("Messages must be JSON objects"));
         ws_message(br#"["ping"]"#);
         ws_message(br#"["x"]"#);
         ws_message(include_bytes!("../../fuzz/corpus/ws_message/regression-array-message"));

@@ -343,16 +343,19 @@ async fn serve(app: &App, stream: &mut TcpStream, session: Session, mut frames: 
     }
 }
 
-/// The answer to a client text message (public for the fuzz targets and their corpus replay).
+/// The answer to a client text message (public for the fuzz targets and their corpus replay):
+/// a JSON object whose `"type"` is `"ping"` gets a pong; any other type an error naming it; anything
+/// else (not JSON, not an object, no string type) the general error. A repeated key counts once,
+/// with its last value, as `serde_json` reads objects.
 pub fn answer(text: &str) -> Bytes {
-    #[derive(serde::Deserialize)]
-    struct ClientMessage {
-        r#type: String,
-    }
-    match serde_json::from_str::<ClientMessage>(text) {
-        Ok(m) if m.r#type == "ping" => message::pong(),
-        Ok(m) => message::error(&format!("Unknown message type: {}", m.r#type.chars().take(64).collect::<String>())),
-        Err(_) => message::error("Messages must be JSON objects with a \"type\", e.g. {\"type\":\"ping\"}"),
+    let general = || message::error("Messages must be JSON objects with a \"type\", e.g. {\"type\":\"ping\"}");
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_str::<serde_json::Value>(text) else {
+        return general();
+    };
+    match fields.get("type").and_then(serde_json::Value::as_str) {
+        Some("ping") => message::pong(),
+        Some(other) => message::error(&format!("Unknown message type: {}", other.chars().take(64).collect::<String>())),
+        None => general(),
     }
 }
 
