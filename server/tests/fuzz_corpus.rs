@@ -38,3 +38,8 @@ fn multipart_corpus() {
 fn ws_message_corpus() {
     replay("ws_message", sanjevani::fuzzing::ws_message);
 }
+
+#[test]
+fn ws_frames_corpus() {
+    replay("ws_frames", sanjevani::fuzzing::ws_frames);
+}
