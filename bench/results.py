@@ -268,10 +268,14 @@ def plot(steps):
         for a, b in pts:
             svg.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}"/>')
         if pts:
-            svg.append(f'<text x="{pts[-1][0] + 8:.1f}" y="{pts[-1][1] + 4:.1f}" fill="{colour}">{label}</text>')
+            # Labels at the last point, nudged apart when the lines end close together.
+            nudge = {"p50": 4, "p99": 14, "p999": -6}[key]
+            svg.append(f'<text x="{pts[-1][0] + 8:.1f}" y="{pts[-1][1] + nudge:.1f}" fill="{colour}">{label}</text>')
+    # A step with any correctness counter set (at overload: POSTs timed out or skipped).
     for s in steps:
         if s["bad"]:
-            svg.append(f'<text x="{x(s["rate"]):.1f}" y="{top + 14}" text-anchor="middle" fill="#c00">lost</text>')
+            word = "lost" if s["lost"] else "errors"
+            svg.append(f'<text x="{x(s["rate"]):.1f}" y="{top + 14}" text-anchor="middle" fill="#c00">{word}</text>')
     svg.append("</svg>")
     return "\n".join(svg) + "\n"
 

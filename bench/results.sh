@@ -35,7 +35,7 @@ export NO_COLOR=1 RUST_LOG=info
 if [[ $quick == 1 ]]; then
   main_s=10s steps=(500 1500 3000) step_s=6s race_rate=100 race_s=5s idle=4000 big=100000 open=1000
 else
-  main_s=60s steps=(500 1000 1500 2000 2500 3000 3500 4000) step_s=20s race_rate=200 race_s=50s idle=19000
+  main_s=60s steps=(500 750 1000 1250 1500 2000 3000 4000) step_s=20s race_rate=200 race_s=50s idle=19000
   big=1000000 open=10000
 fi
 
