@@ -242,7 +242,15 @@ impl Lifecycle {
     /// Creates a request for `customer`, records it with its recipients (approved pharmacies in
     /// the radius, nearest first) and queues `new_request` to each. `base_url` is what media URLs
     /// in the broadcast are built on. A repeated idempotency key returns the first request.
+    ///
+    /// Runs to completion on its own task: a caller that goes away (an HTTP client that
+    /// disconnects drops its handler) cannot stop it between the store's commit and the fan-out.
     pub async fn create(&self, customer: &User, input: RequestInput, base_url: &str) -> Result<CreatedRequest> {
+        let (this, customer, base_url) = (self.clone(), customer.clone(), base_url.to_owned());
+        detached(async move { this.create_now(&customer, input, &base_url).await }).await
+    }
+
+    async fn create_now(&self, customer: &User, input: RequestInput, base_url: &str) -> Result<CreatedRequest> {
         let inner = &self.inner;
         if customer.role != Role::Customer {
             return Err(Error::Forbidden("Only customers can create medicine requests".into()));
@@ -304,7 +312,13 @@ impl Lifecycle {
 
     /// Records a pharmacy's answer. First ACCEPTED wins; a repeat of the pharmacy's own answer
     /// gets the original back and sends nothing; see API.md for every other case.
+    /// Runs to completion on its own task, as [`Lifecycle::create`] does.
     pub async fn respond(&self, pharmacy: &Pharmacy, input: ResponseInput, base_url: &str) -> Result<Responded> {
+        let (this, pharmacy, base_url) = (self.clone(), pharmacy.clone(), base_url.to_owned());
+        detached(async move { this.respond_now(&pharmacy, input, &base_url).await }).await
+    }
+
+    async fn respond_now(&self, pharmacy: &Pharmacy, input: ResponseInput, base_url: &str) -> Result<Responded> {
         let inner = &self.inner;
         let live = inner.live.get(&input.request_id).map(|e| e.value().clone());
         if let Some(live) = &live {
@@ -350,7 +364,13 @@ impl Lifecycle {
 
     /// Cancels the owner's PENDING request and tells its customer and the pharmacies that have
     /// not answered.
+    /// Runs to completion on its own task, as [`Lifecycle::create`] does.
     pub async fn cancel(&self, customer_id: UserId, request_id: RequestId) -> Result<MedicineRequest> {
+        let this = self.clone();
+        detached(async move { this.cancel_now(customer_id, request_id).await }).await
+    }
+
+    async fn cancel_now(&self, customer_id: UserId, request_id: RequestId) -> Result<MedicineRequest> {
         let inner = &self.inner;
         if let Some(live) = inner.live.get(&request_id).map(|e| e.value().clone()) {
             let state = live.lock();
@@ -692,4 +712,10 @@ fn closed_error(status: RequestStatus) -> Error {
 
 fn not_pending(status: RequestStatus) -> Error {
     Error::invalid(format!("Only a PENDING request can be cancelled; this one is {}", status.as_str()))
+}
+
+/// Runs `work` on a task of its own and waits for it. A store decision (a commit) must always be
+/// followed by what depends on it (memory, messages), whether or not the caller still waits.
+async fn detached<T: Send + 'static>(work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+    tokio::spawn(work).await.map_err(|e| Error::store("finish a request's change", e))?
 }

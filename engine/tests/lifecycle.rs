@@ -498,3 +498,51 @@ async fn two_nodes_share_store_and_bus() {
     let late = node_a.lifecycle.respond(&node_a.pharmacies[1], answer(id, ResponseType::Accepted), BASE).await;
     assert_eq!(late.unwrap_err(), Error::invalid(sanjevani_engine::error::ALREADY_ASSIGNED));
 }
+
+/// Polls `work` once, then drops it, as hyper drops the handler of a client that went away.
+async fn abandon(work: impl std::future::Future<Output = ()>) {
+    let mut work = std::pin::pin!(work);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let _ = work.as_mut().poll(&mut cx);
+}
+
+/// A caller that goes away mid-call (an HTTP client that disconnects drops its handler) does not
+/// stop a create, an accept or a cancel between the store's commit and what must follow it.
+async fn abandoned_calls_still_finish(kind: Kind) {
+    let w = world(kind, Duration::from_secs(600)).await;
+    let customer = w.hub.subscribe(Audience::Customer(w.customer.id));
+    let subs: Vec<Subscription> = w.pharmacies.iter().map(|p| w.hub.subscribe(Audience::Pharmacy(p.id))).collect();
+    let mut create = input(3.0);
+    create.idempotency_key = Some("abandoned".into());
+    abandon(async {
+        w.lifecycle.create(&w.customer, create.clone(), BASE).await.unwrap();
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = drain(&subs[0]);
+    assert_eq!(types(&got), ["new_request"], "the abandoned create was still broadcast");
+    let id = got[0]["request_id"].as_i64().unwrap();
+    let again = w.lifecycle.create(&w.customer, create, BASE).await.unwrap();
+    assert!(again.repeated && again.request.id == id);
+
+    abandon(async {
+        w.lifecycle.respond(&w.pharmacies[0], answer(id, ResponseType::Accepted), BASE).await.unwrap();
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(types(&drain(&subs[1])), ["new_request", "request_taken"], "the abandoned accept was announced");
+    assert_eq!(types(&drain(&customer)), ["pharmacy_response"]);
+    let taken = w.store.request(id).await.unwrap().unwrap();
+    assert_eq!(taken.status, RequestStatus::Accepted);
+    assert!(w.lifecycle.pending_for_pharmacy(w.pharmacies[1].id).is_empty(), "memory agrees with the store");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_calls_still_finish_memory() {
+    abandoned_calls_still_finish(Kind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_calls_still_finish_sqlite() {
+    abandoned_calls_still_finish(Kind::Sqlite).await;
+}
