@@ -88,7 +88,8 @@ impl FrameReader {
         Ok(None)
     }
 
-    /// Bytes held between reads (partial frame and partial message), for tests and metrics.
+    /// Capacity held between reads (partial frame and partial message); the tests check that an
+    /// idle reader holds none.
     pub fn buffered(&self) -> usize {
         self.pending.capacity() + self.message.as_ref().map_or(0, |(_, m)| m.capacity())
     }
@@ -224,33 +225,32 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     }
 }
 
-/// A masked client frame, as a client would send it (for tests, fuzzing and the load generator's
-/// expectations).
-pub fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= u16::MAX as usize => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    let start = out.len();
-    out.extend_from_slice(payload);
-    unmask(&mut out[start..], mask);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
+
+    /// A masked client frame, as a client sends it.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= u16::MAX as usize => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        let start = out.len();
+        out.extend_from_slice(payload);
+        unmask(&mut out[start..], mask);
+        out
+    }
 
     fn all(reader: &mut FrameReader) -> Result<Vec<Event>, Violation> {
         let mut events = Vec::new();
